@@ -1,0 +1,34 @@
+"""Every error a user can act on is an `Edge2DExitError`; the CLI prints its message and exits with its code.
+
+Exit codes (documented in the README):
+  0 success, 2 usage error (typer), 3 bad input text or data, 4 base model problem,
+  5 bundle problem, 6 text longer than the context.
+"""
+
+
+class Edge2DExitError(Exception):
+    exit_code = 1
+
+
+class InputError(Edge2DExitError):
+    """The text, file or labelled data given cannot be used as it is."""
+
+    exit_code = 3
+
+
+class ModelError(Edge2DExitError):
+    """The base model is unknown, missing, truncated, or fails its sha256."""
+
+    exit_code = 4
+
+
+class BundleError(Edge2DExitError):
+    """A bundle (exits.gguf and its base model) is malformed or does not fit the model it is used with."""
+
+    exit_code = 5
+
+
+class ContextOverflowError(InputError):
+    """The text does not fit the llama.cpp context and truncation was not asked for."""
+
+    exit_code = 6

@@ -1,0 +1,219 @@
+"""Sentence-incremental, depth-limited reading of a document through llama.cpp.
+
+One `Engine` owns one model and one context with a single sequence. The constant task prompt is decoded
+once, at full depth, when the engine starts; every document is read after it (`Engine.document()` drops
+the previous document's positions and keeps the prompt's).
+
+A `Document` feeds sentences to llama.cpp, each decode computing layers 0..depth-1 only, and returns per
+sentence the mean of its token states (and its last token's state) for the layers asked for. It knows
+nothing of labels or exit rules; policies decide what to read.
+
+Exactness: after a decode stopped at depth D, the KV cache of those positions is valid for layers < D
+only (deeper layers hold zeros or stale data, NOTES.md §2). The document keeps, per sentence, the depth up
+to which its KV is valid. Valid depths never increase along the document (a sentence is decoded only after
+everything before it is valid to its depth), so making the text valid to a depth D means removing
+everything from the first sentence valid below D and decoding it again, one sentence per decode, at D.
+No decode ever reads junk KV, and every state returned equals the state a plain decode of the same token
+stream in the same decode calls gives, bit for bit.
+
+Cost accounting, per document: `token_layers` counts what llama.cpp really computed (tokens × layers of
+every decode, re-decodes included); `operations` counts (sentence, layer) cells computed at least once,
+as the paper does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ContextOverflowError
+from .llama import Context, ContextSettings, Model
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    n_ctx: int = 2048
+    n_threads: int | None = None  # None: every core this process may use
+    n_gpu_layers: int = 0  # layers offloaded to a GPU build of llama.cpp (0 on CPU)
+    n_batch: int = 512  # longest single decode; longer inputs are decoded in chunks of this size
+
+
+@dataclass(frozen=True)
+class SentenceStates:
+    """What one decode yields for one sentence: per layer read, the mean and the last token's state."""
+
+    index: int
+    n_tokens: int
+    depth: int
+    layers: tuple[int, ...]
+    mean: np.ndarray  # [len(layers), n_embd] float32
+    last: np.ndarray  # [len(layers), n_embd] float32
+
+    def at(self, layer: int) -> np.ndarray:
+        """Mean state of the sentence's tokens at `layer` (the output of that layer)."""
+        return self.mean[self.layers.index(layer)]
+
+
+@dataclass
+class _Sentence:
+    tokens: list[int]
+    start: int  # position of its first token
+    valid_depth: int  # KV of layers below this is exact
+    max_depth: int  # deepest pass ever computed (for the paper's operation count)
+
+
+class Engine:
+    """A model and a context, with the task prompt decoded once. Close it (or use `with`)."""
+
+    def __init__(self, model_path: str | Path, settings: EngineSettings = EngineSettings(), prompt: str = ""):
+        self.settings = settings
+        self.model = Model(model_path, n_gpu_layers=settings.n_gpu_layers)
+        try:
+            threads = settings.n_threads or len(os.sched_getaffinity(0))
+            self.context = Context(self.model, ContextSettings(settings.n_ctx, threads, settings.n_batch))
+        except BaseException:
+            self.model.close()
+            raise
+        self.n_layer = self.model.n_layer
+        self.n_embd = self.model.n_embd
+        self.architecture = self.model.architecture
+        self.prompt = prompt
+        self.prompt_tokens = self.model.tokenize(prompt, add_bos=True)
+        if len(self.prompt_tokens) >= self.context.n_ctx:
+            raise ContextOverflowError(
+                f"the task prompt takes {len(self.prompt_tokens)} tokens, more than the context of {self.context.n_ctx}"
+            )
+        self.context.decode(self.prompt_tokens, 0, self.n_layer, ())
+        self._current: Document | None = None
+
+    def tokenize_sentences(self, sentences: Sequence[str]) -> list[list[int]]:
+        """The token rule of sentences.py: each sentence on its own, as " " + sentence, without BOS."""
+        return [self.model.tokenize(" " + s, add_bos=False) for s in sentences]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens of document text that fit after the prompt."""
+        return self.context.n_ctx - len(self.prompt_tokens)
+
+    def document(self) -> "Document":
+        """Start reading a new document (the previous one's positions are dropped; the prompt is kept)."""
+        if self._current is not None:
+            self._current._closed = True
+        self.context.remove(len(self.prompt_tokens))
+        self._current = Document(self)
+        return self._current
+
+    def close(self) -> None:
+        self.context.close()
+        self.model.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Document:
+    """The reading state of one document. Get one from `Engine.document()`."""
+
+    engine: Engine
+    _sentences: list[_Sentence] = field(default_factory=list)
+    token_layers: int = 0
+    decode_calls: int = 0
+    _closed: bool = False
+
+    @property
+    def n_sentences(self) -> int:
+        return len(self._sentences)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self._sentences)
+
+    @property
+    def operations(self) -> int:
+        return sum(s.max_depth for s in self._sentences)
+
+    @property
+    def valid_depths(self) -> tuple[int, ...]:
+        return tuple(s.valid_depth for s in self._sentences)
+
+    def fits(self, sentences: Sequence[Sequence[int]]) -> bool:
+        """Whether these tokenized sentences still fit in the context after what was read."""
+        return self.n_tokens + sum(len(t) for t in sentences) <= self.engine.capacity
+
+    def append(
+        self, sentences: Sequence[Sequence[int]], depth: int, layers: Sequence[int] | None = None
+    ) -> list[SentenceStates]:
+        """Read tokenized sentences after the text so far, in one decode, computing layers 0..depth-1.
+
+        Text already read that is valid below `depth` only is first re-decoded (and its cost counted).
+        `layers` are the layers whose states are returned (default: all below `depth`).
+        """
+        self._check_open()
+        if not self.fits(sentences):
+            needed = self.n_tokens + sum(len(t) for t in sentences)
+            raise ContextOverflowError(
+                f"the text needs {needed} tokens after the task prompt but the context leaves room for "
+                f"{self.engine.capacity}: raise the context size (n_ctx) or allow truncation"
+            )
+        self.deepen(depth, layers=())
+        start = len(self._prompt_tokens) + self.n_tokens
+        new = [_Sentence(list(t), 0, depth, depth) for t in sentences]
+        for s in new:
+            s.start, start = start, start + len(s.tokens)
+        first_index = len(self._sentences)
+        self._sentences.extend(new)
+        return self._decode(new, first_index, depth, layers)
+
+    def deepen(self, depth: int, layers: Sequence[int] | None = None) -> list[SentenceStates]:
+        """Make all text read so far valid to `depth`, re-decoding (one sentence per decode) every sentence
+        that is not. Returns the states of the re-decoded sentences (none if all were valid)."""
+        self._check_open()
+        stale = next((i for i, s in enumerate(self._sentences) if s.valid_depth < depth), None)
+        if stale is None:
+            return []
+        self.engine.context.remove(self._sentences[stale].start)
+        states = []
+        for index in range(stale, len(self._sentences)):
+            sentence = self._sentences[index]
+            sentence.valid_depth = depth
+            sentence.max_depth = max(sentence.max_depth, depth)
+            states += self._decode([sentence], index, depth, layers)
+        return states
+
+    def _decode(
+        self, sentences: list[_Sentence], first_index: int, depth: int, layers: Sequence[int] | None
+    ) -> list[SentenceStates]:
+        layers = tuple(range(depth)) if layers is None else tuple(layers)
+        tokens = [tok for s in sentences for tok in s.tokens]
+        rows = self.engine.context.decode(tokens, sentences[0].start, depth, layers)
+        self.token_layers += len(tokens) * depth
+        self.decode_calls += 1
+        lengths = np.array([len(s.tokens) for s in sentences])
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        n_embd = self.engine.n_embd
+        means = np.empty((len(sentences), len(layers), n_embd), dtype=np.float32)
+        lasts = np.empty_like(means)
+        for k, layer in enumerate(layers):
+            means[:, k] = np.add.reduceat(rows[layer], starts, axis=0) / lengths[:, None]
+            lasts[:, k] = rows[layer][ends - 1]
+        return [
+            SentenceStates(first_index + i, int(lengths[i]), depth, layers, means[i], lasts[i])
+            for i in range(len(sentences))
+        ]
+
+    @property
+    def _prompt_tokens(self) -> list[int]:
+        return self.engine.prompt_tokens
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this document was replaced by a newer Engine.document(); read from that one")

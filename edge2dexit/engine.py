@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +40,11 @@ class EngineSettings:
     n_threads: int | None = None  # None: every core this process may use
     n_gpu_layers: int = 0  # layers offloaded to a GPU build of llama.cpp (0 on CPU)
     n_batch: int = 512  # longest single decode; longer inputs are decoded in chunks of this size
+
+
+# stop(layer, means): called as each read layer of a decode is computed, with the mean state of each sentence
+# of that decode at that layer ([n_sentences, n_embd]); returning True ends the decode after that layer.
+StopRule = Callable[[int, np.ndarray], bool]
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ class Engine:
             raise ContextOverflowError(
                 f"the task prompt takes {len(self.prompt_tokens)} tokens, more than the context of {self.context.n_ctx}"
             )
-        self.context.decode(self.prompt_tokens, 0, self.n_layer, ())
+        self.context.decode(self.prompt_tokens, 0, self.n_layer, ())  # valid at every depth, once
         self._current: Document | None = None
 
     def tokenize_sentences(self, sentences: Sequence[str]) -> list[list[int]]:
@@ -149,12 +154,17 @@ class Document:
         return self.n_tokens + sum(len(t) for t in sentences) <= self.engine.capacity
 
     def append(
-        self, sentences: Sequence[Sequence[int]], depth: int, layers: Sequence[int] | None = None
+        self,
+        sentences: Sequence[Sequence[int]],
+        depth: int,
+        layers: Sequence[int] | None = None,
+        stop: StopRule | None = None,
     ) -> list[SentenceStates]:
         """Read tokenized sentences after the text so far, in one decode, computing layers 0..depth-1.
 
         Text already read that is valid below `depth` only is first re-decoded (and its cost counted).
-        `layers` are the layers whose states are returned (default: all below `depth`).
+        `layers` are the layers whose states are returned (default: all below `depth`). `stop(layer, means)`,
+        given the new sentences' mean states at each layer read, may end the decode after that layer.
         """
         self._check_open()
         if not self.fits(sentences):
@@ -164,55 +174,77 @@ class Document:
                 f"{self.engine.capacity}: raise the context size (n_ctx) or allow truncation"
             )
         self.deepen(depth, layers=())
-        start = len(self._prompt_tokens) + self.n_tokens
-        new = [_Sentence(list(t), 0, depth, depth) for t in sentences]
-        for s in new:
-            s.start, start = start, start + len(s.tokens)
+        start = len(self.engine.prompt_tokens) + self.n_tokens
+        new = []
+        for tokens in sentences:
+            new.append(_Sentence(list(tokens), start, 0, 0))
+            start += len(tokens)
         first_index = len(self._sentences)
         self._sentences.extend(new)
-        return self._decode(new, first_index, depth, layers)
+        return self._decode(new, first_index, depth, layers, stop)
 
-    def deepen(self, depth: int, layers: Sequence[int] | None = None) -> list[SentenceStates]:
-        """Make all text read so far valid to `depth`, re-decoding (one sentence per decode) every sentence
-        that is not. Returns the states of the re-decoded sentences (none if all were valid)."""
+    def deepening(
+        self, depth: int, layers: Sequence[int] | None = None, stop: StopRule | None = None
+    ) -> Iterator[SentenceStates]:
+        """Make the text read so far valid to `depth`: everything from the first sentence valid below it is
+        removed from the cache and decoded again, one sentence per decode, yielding each one's states.
+
+        A consumer may stop iterating at any time (the sentences not yet re-decoded are then out of the
+        cache and will be re-decoded when needed); a `stop` that fires also ends the iteration.
+        """
         self._check_open()
         stale = next((i for i, s in enumerate(self._sentences) if s.valid_depth < depth), None)
         if stale is None:
-            return []
+            return
         self.engine.context.remove(self._sentences[stale].start)
-        states = []
+        for sentence in self._sentences[stale:]:
+            sentence.valid_depth = 0
         for index in range(stale, len(self._sentences)):
-            sentence = self._sentences[index]
-            sentence.valid_depth = depth
-            sentence.max_depth = max(sentence.max_depth, depth)
-            states += self._decode([sentence], index, depth, layers)
-        return states
+            (states,) = self._decode([self._sentences[index]], index, depth, layers, stop)
+            yield states
+            if states.depth < depth:
+                return
+
+    def deepen(self, depth: int, layers: Sequence[int] | None = None) -> list[SentenceStates]:
+        """`deepening` run to the end: the states of every re-decoded sentence (none if all were valid)."""
+        return list(self.deepening(depth, layers))
 
     def _decode(
-        self, sentences: list[_Sentence], first_index: int, depth: int, layers: Sequence[int] | None
+        self,
+        sentences: list[_Sentence],
+        first_index: int,
+        depth: int,
+        layers: Sequence[int] | None,
+        stop: StopRule | None,
     ) -> list[SentenceStates]:
         layers = tuple(range(depth)) if layers is None else tuple(layers)
         tokens = [tok for s in sentences for tok in s.tokens]
-        rows = self.engine.context.decode(tokens, sentences[0].start, depth, layers)
-        self.token_layers += len(tokens) * depth
-        self.decode_calls += 1
         lengths = np.array([len(s.tokens) for s in sentences])
         ends = np.cumsum(lengths)
         starts = ends - lengths
-        n_embd = self.engine.n_embd
-        means = np.empty((len(sentences), len(layers), n_embd), dtype=np.float32)
+
+        counts = lengths[:, None].astype(np.float32)
+
+        def segment_means(rows: np.ndarray) -> np.ndarray:
+            return np.add.reduceat(rows, starts, axis=0) / counts
+
+        on_layer = None if stop is None else (lambda layer, rows: stop(layer, segment_means(rows)))
+        decoded = self.engine.context.decode(tokens, sentences[0].start, depth, layers, on_layer)
+        self.token_layers += len(tokens) * decoded.depth
+        self.decode_calls += 1
+        for s in sentences:
+            s.valid_depth = decoded.depth
+            s.max_depth = max(s.max_depth, decoded.depth)
+        read = tuple(layer for layer in layers if layer < decoded.depth)
+        means = np.empty((len(sentences), len(read), self.engine.n_embd), dtype=np.float32)
         lasts = np.empty_like(means)
-        for k, layer in enumerate(layers):
-            means[:, k] = np.add.reduceat(rows[layer], starts, axis=0) / lengths[:, None]
-            lasts[:, k] = rows[layer][ends - 1]
+        for k, layer in enumerate(read):
+            means[:, k] = segment_means(decoded.rows[layer])
+            lasts[:, k] = decoded.rows[layer][ends - 1]
         return [
-            SentenceStates(first_index + i, int(lengths[i]), depth, layers, means[i], lasts[i])
+            SentenceStates(first_index + i, int(lengths[i]), decoded.depth, read, means[i], lasts[i])
             for i in range(len(sentences))
         ]
-
-    @property
-    def _prompt_tokens(self) -> list[int]:
-        return self.engine.prompt_tokens
 
     def _check_open(self) -> None:
         if self._closed:

@@ -18,7 +18,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -154,16 +154,21 @@ class _LayerTap:
         self.n_embd = n_embd
         self._wanted: dict[bytes, int | None] = {}  # tensor name -> layer to copy (None: stop there only)
         self._stop = b""
+        self._on_layer: Callable[[int, np.ndarray], bool] | None = None
         self.rows: dict[int, list[np.ndarray]] = {}
+        self.reached = 0
         self.error: BaseException | None = None
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
 
-    def arm(self, read_layers: Sequence[int], stop_layer: int | None) -> None:
+    def arm(
+        self, read_layers: Sequence[int], stop_layer: int, on_layer: Callable[[int, np.ndarray], bool] | None
+    ) -> None:
         self._wanted = {f"l_out-{layer}".encode(): layer for layer in read_layers}
-        self._stop = f"l_out-{stop_layer}".encode() if stop_layer is not None else b""
-        if self._stop:
-            self._wanted.setdefault(self._stop, None)
+        self._stop = f"l_out-{stop_layer}".encode()
+        self._wanted.setdefault(self._stop, None)
+        self._on_layer = on_layer
         self.rows = {layer: [] for layer in read_layers}
+        self.reached = stop_layer + 1
         self.error = None
 
     def _on_node(self, tensor: int, ask: bool, user_data: int) -> bool:
@@ -176,6 +181,9 @@ class _LayerTap:
             layer = self._wanted[name]
             if layer is not None:
                 self._copy_rows(tensor, layer)
+                if self._on_layer is not None and self._on_layer(layer, self.rows[layer][-1]):
+                    self.reached = layer + 1
+                    return False
             return name != self._stop
         except BaseException as exc:  # noqa: BLE001 - re-raised by Context.decode
             self.error = exc
@@ -201,6 +209,11 @@ class ContextSettings:
     n_threads: int | None = None  # None: all cores llama.cpp detects
     n_batch: int = 512
     tap: bool = True  # False: no eval callback at all (full-depth decodes only; the benchmark's baseline)
+
+
+class Decoded(NamedTuple):
+    rows: dict[int, np.ndarray]  # layer -> [n_tokens, n_embd] float32, for the layers read
+    depth: int  # layers computed: the depth asked for, or less where on_layer stopped the graph
 
 
 class Context:
@@ -233,11 +246,19 @@ class Context:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
     def decode(
-        self, tokens: Sequence[int], start_pos: int, depth: int, read_layers: Sequence[int]
-    ) -> dict[int, np.ndarray]:
+        self,
+        tokens: Sequence[int],
+        start_pos: int,
+        depth: int,
+        read_layers: Sequence[int],
+        on_layer: Callable[[int, np.ndarray], bool] | None = None,
+    ) -> "Decoded":
         """Decode `tokens` at positions start_pos.. of seq 0, computing layers 0..depth-1 only.
 
-        Returns {layer: [n_tokens, n_embd] float32} for each layer in `read_layers` (all < depth).
+        Returns the rows [n_tokens, n_embd] float32 of each layer in `read_layers` (all < depth).
+        `on_layer(layer, rows)` is called as each read layer is computed; returning True stops the graph
+        right there (the KV of these positions is then valid below that layer + 1). Early stops need the
+        tokens to fit one decode (n_batch).
         Reading the last layer flags every token as an output, because llama.cpp keeps only output rows
         in the last layer; the graph still stops before the output layer.
         """
@@ -246,13 +267,16 @@ class Context:
             raise ValueError(f"depth must be in 1..{n_layer}, got {depth}")
         if any(not 0 <= layer < depth for layer in read_layers):
             raise ValueError(f"layers to read must be below the depth {depth}: {sorted(read_layers)}")
-        outputs = n_layer - 1 in read_layers
-        self.tap.arm(read_layers, stop_layer=depth - 1)
         if not self.settings.tap and (depth != n_layer or read_layers):
             raise ValueError("a context without the eval tap can only decode at full depth, reading nothing")
+        if on_layer is not None and len(tokens) > self.n_batch:
+            raise ValueError(f"an early stop needs the tokens in one decode of at most {self.n_batch}")
+        outputs = n_layer - 1 in read_layers
+        self.tap.arm(read_layers, depth - 1, on_layer)
         for first in range(0, len(tokens), self.n_batch):
             self._decode_chunk(tokens[first : first + self.n_batch], start_pos + first, outputs)
-        return {layer: np.concatenate(blocks) for layer, blocks in self.tap.rows.items()}
+        rows = {layer: np.concatenate(blocks) for layer, blocks in self.tap.rows.items() if blocks}
+        return Decoded(rows, self.tap.reached)
 
     def _decode_chunk(self, tokens: Sequence[int], start_pos: int, outputs: bool) -> None:
         batch = self._batch

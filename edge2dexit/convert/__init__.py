@@ -1,0 +1,1 @@
+"""Turning labelled text and a base model into an early-exit bundle."""

@@ -1,0 +1,183 @@
+"""Labelled data: reading user files, every input error, and the cleaning / balancing / splitting steps."""
+
+import json
+
+import pytest
+
+from edge2dexit.convert.data import (
+    BUILTIN_SETS,
+    LabelledSet,
+    check_labels_seen,
+    load_builtin,
+    load_file,
+    prepare,
+    split,
+    subsample,
+)
+from edge2dexit.errors import InputError
+from edge2dexit.sentences import SentenceSplitter
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE2DEXIT_HOME", str(tmp_path / "home"))
+
+
+def _write(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    return path
+
+
+def _balanced(n_per_class: int, names=("neg", "pos", "neu")) -> LabelledSet:
+    texts = [f"text {c} {i}." for c in range(len(names)) for i in range(n_per_class)]
+    labels = [c for c in range(len(names)) for _ in range(n_per_class)]
+    return LabelledSet(texts, labels, tuple(names), "synthetic")
+
+
+# --- load_file -----------------------------------------------------------------------------------------------
+
+
+def test_load_csv_with_quoted_multiline_text(tmp_path):
+    path = _write(tmp_path, "d.csv", 'text,label\n"Good, really.\nYes.",pos\nBad.,neg\nFine.,pos\n')
+    ds = load_file(path)
+    assert ds.texts == ["Good, really.\nYes.", "Bad.", "Fine."]
+    assert ds.label_names == ("neg", "pos") and ds.labels == [1, 0, 1]
+    assert ds.class_counts() == {"neg": 1, "pos": 2} and ds.source == str(path)
+
+
+def test_load_tsv_with_other_columns(tmp_path):
+    path = _write(tmp_path, "d.tsv", "id\treview\tstars\n1\tGreat.\t5\n2\tAwful.\t1\n")
+    ds = load_file(path, text_column="review", label_column="stars")
+    assert ds.texts == ["Great.", "Awful."] and ds.label_names == ("1", "5") and ds.labels == [1, 0]
+
+
+def test_load_jsonl_with_int_labels_and_given_names(tmp_path):
+    rows = [{"text": "a.", "label": 2}, {"text": "b.", "label": 0}, {"text": "c.", "label": 2}]
+    path = _write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ds = load_file(path, label_names=["2", "1", "0"])
+    assert ds.label_names == ("2", "1", "0") and ds.labels == [0, 2, 0]
+    assert ds.class_counts() == {"2": 2, "1": 0, "0": 1}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "kwargs", "message"),
+    [
+        ("d.txt", "x", {}, r"cannot read '\.txt'; use \.csv, \.tsv or \.jsonl"),
+        ("d.csv", "", {}, "has no rows"),
+        ("d.csv", "text,label\n", {}, "has no rows"),
+        ("d.csv", "review,sentiment\nok,pos\n", {}, "has no column 'text'.*'review', 'sentiment'"),
+        ("d.csv", "text,sentiment\nok,pos\n", {}, "has no column 'label'.*'text', 'sentiment'"),
+        ("d.csv", "text,label\nok,pos\n  ,neg\n", {}, "line 3 has an empty 'text'"),
+        ("d.csv", "text,label\nok,pos\nfine,\n", {}, "line 3 has an empty 'label'"),
+        ("d.csv", "text,label\nok,pos\nfine,pos\n", {}, "every row has label 'pos'"),
+        ("d.csv", "text,label\nok,pos\nbad,meh\n", {"label_names": ["neg", "pos"]}, "line 3 has label 'meh'"),
+        ("d.csv", "text,label\nok,pos\nbad,pos\n", {"label_names": ["neg", "pos"]}, "at least two classes"),
+        ("d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "lab', {}, "line 2 is not valid JSON"),
+        ("d.jsonl", '["a", 1]\n', {}, "line 1 is not a JSON object"),
+        ("d.jsonl", '{"text": "a", "label": 1}\n{"body": "b", "label": 0}\n', {}, r"no column 'text' \(line 2\).*'body'"),
+        ("d.jsonl", '{"text": "a", "label": 1}\n{"text": null, "label": 0}\n', {}, "line 2 has an empty 'text'"),
+    ],
+)
+def test_load_file_errors(tmp_path, name, content, kwargs, message):
+    path = _write(tmp_path, name, content)
+    with pytest.raises(InputError, match=message) as info:
+        load_file(path, **kwargs)
+    assert str(path) in str(info.value)
+
+
+def test_load_missing_file_and_non_utf8(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_file(tmp_path / "absent.csv")
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\ncaf\xe9,a\nb,b\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8"):
+        load_file(path)
+
+
+# --- prepare, subsample --------------------------------------------------------------------------------------
+
+
+def test_prepare_dedupes_and_filters_by_sentence_count():
+    ds = LabelledSet(
+        ["One. Two. Three.", "Only one.", "One. Two. Three.", "A. B.<br />C? D!"], [0, 1, 0, 1], ("a", "b"), "s"
+    )
+    regex = SentenceSplitter("regex")
+    assert prepare(ds, regex).texts == ["One. Two. Three.", "Only one.", "A. B.<br />C? D!"]
+    assert prepare(ds, regex, min_sentences=3).texts == ["One. Two. Three.", "A. B.<br />C? D!"]
+    assert prepare(ds, regex, min_sentences=3, dedupe=False).labels == [0, 0, 1]
+    assert prepare(ds, regex).label_names == ("a", "b")
+
+
+def test_subsample_is_balanced_and_deterministic():
+    ds = LabelledSet([f"t{i}" for i in range(100)], [0] * 70 + [1] * 30, ("a", "b"), "s")
+    sub = subsample(ds, per_class=20, seed=3)
+    assert sub.class_counts() == {"a": 20, "b": 20} and len(set(sub.texts)) == 40
+    assert sub.texts == subsample(ds, per_class=20, seed=3).texts
+    assert sub.texts != subsample(ds, per_class=20, seed=4).texts
+    assert all(ds.labels[int(t[1:])] == label for t, label in zip(sub.texts, sub.labels))
+    with pytest.raises(InputError, match="at most 30"):
+        subsample(ds, per_class=31, seed=0)
+
+
+# --- split ---------------------------------------------------------------------------------------------------
+
+
+def test_split_is_stratified_disjoint_and_deterministic():
+    ds = LabelledSet([f"t{i}" for i in range(200)], [0] * 150 + [1] * 50, ("a", "b"), "s")
+    parts = split(ds, seed=7)
+    assert parts.train.class_counts() == {"a": 90, "b": 30}
+    assert parts.calibration.class_counts() == {"a": 30, "b": 10}
+    assert parts.test.class_counts() == {"a": 30, "b": 10}
+    all_texts = parts.train.texts + parts.calibration.texts + parts.test.texts
+    assert sorted(all_texts) == sorted(ds.texts)
+    assert all(ds.labels[int(t[1:])] == label for t, label in zip(parts.train.texts, parts.train.labels))
+    again = split(ds, seed=7)
+    assert again.train.texts == parts.train.texts and again.test.texts == parts.test.texts
+    assert split(ds, seed=8).train.texts != parts.train.texts
+    assert parts.train.labels != sorted(parts.train.labels)  # classes are mixed, not in blocks
+    description = parts.describe()
+    assert "train" in description and "120" in description and "a 30 (75%)" in description
+
+
+def test_split_errors():
+    few_neutral = LabelledSet([f"t{i}" for i in range(42)], [0] * 20 + [1] * 20 + [2] * 2, ("neg", "pos", "neu"), "s")
+    with pytest.raises(InputError, match="class 'neu' has 2 example"):
+        split(few_neutral)
+    with pytest.raises(InputError, match="add up to 1"):
+        split(_balanced(10), train=0.5, calibration=0.2, test=0.2)
+    with pytest.raises(InputError, match="positive"):
+        split(_balanced(10), train=0.8, calibration=0.2, test=0.0)
+
+
+def test_check_labels_seen():
+    train = LabelledSet(["a", "b"], [0, 1], ("neg", "pos", "neu"), "train.csv")
+    check_labels_seen(train, LabelledSet(["c"], [1], ("neg", "pos", "neu"), "test.csv"))
+    with pytest.raises(InputError, match="test.csv has label\\(s\\) 'neu'.*train.csv"):
+        check_labels_seen(train, LabelledSet(["c", "d"], [2, 0], ("neg", "pos", "neu"), "test.csv"))
+
+
+# --- built-in sets -------------------------------------------------------------------------------------------
+
+
+def test_unknown_builtin():
+    with pytest.raises(InputError, match="imdb, clothing, tweets"):
+        load_builtin("sst2")
+    assert set(BUILTIN_SETS) == {"imdb", "clothing", "tweets"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "size", "counts"),
+    [
+        ("imdb", 25000, {"negative": 12500, "positive": 12500}),
+        ("tweets", 38158, {"negative": 16186, "neutral": 15018, "positive": 6954}),
+        ("clothing", 22641, {"1": 821, "2": 1549, "3": 2823, "4": 4908, "5": 12540}),
+    ],
+)
+def test_builtin_sets_from_pypi(name, size, counts):
+    if name == "clothing":
+        pytest.importorskip("pyarrow")
+    ds = load_builtin(name)
+    assert len(ds) == size and ds.class_counts() == counts
+    assert all(text.strip() for text in ds.texts) and "<br />" not in " ".join(ds.texts[:500])

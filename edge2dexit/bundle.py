@@ -1,0 +1,371 @@
+"""The bundle: everything a classifier needs besides llama.cpp, and the one file format that carries it.
+
+A bundle is a directory with ``exits.gguf`` (exit heads, labels, prompt, splitter, calibrated policies: see `keys`),
+optionally ``model.gguf`` (the base model) and ``README.md`` (model card). Users may also name the exits file itself.
+The exits file is GGUF so that one toolchain (gguf-py, llama.cpp's viewers) can inspect both files of a bundle.
+
+Loading refuses anything doubtful with one `BundleError` naming the file and the reason: a wrong or damaged bundle
+must never classify quietly with the wrong heads. The checks that tie the pieces together (labels vs head outputs,
+head inputs vs the base model, layers vs depth, policies) live in `Bundle.validate`, run on construction and on
+writing, so a bundle that could not be loaded cannot be written either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor
+
+from . import keys
+from .errors import BundleError, InputError
+from .heads import ExitHead, ExitHeads
+from .keys import Keys
+from .sentences import SentenceSplitter
+
+EXITS_FILE = "exits.gguf"
+MODEL_FILE = "model.gguf"
+MODEL_CARD = "README.md"
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """The base model a bundle's heads were trained on: heads read its hidden states and fit no other model."""
+
+    name: str  # registry name, or "" for a model given by path
+    sha256: str
+    architecture: str
+    n_layer: int
+    n_embd: int
+
+    def describe(self) -> str:
+        return f"{self.architecture} ({self.n_layer} layers, {self.n_embd}-dim, sha256 {self.sha256[:8]}…)"
+
+
+@dataclass
+class Bundle:
+    base: BaseModelRef
+    labels: tuple[str, ...]
+    task_prompt: str
+    splitter: SentenceSplitter
+    heads: dict[str, ExitHeads]  # pooling → heads, e.g. "sentence", "prefix"
+    policies: dict[str, dict[str, Any]]  # name → calibrated parameters (JSON-able)
+    default_policy: str
+    calibration: dict[str, Any]  # JSON-able record of how the default was chosen; may be empty
+    head_kind: str
+    head_hidden: int  # 0 for linear heads
+    directory: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        self.labels = tuple(self.labels)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check that the parts fit together; construction does it, and so does writing (fields may change)."""
+        base = self.base
+        if not base.architecture or base.n_layer < 1 or base.n_embd < 1:
+            raise BundleError(f"base model needs an architecture, layers and an embedding length, got {base}")
+        if not _SHA256.fullmatch(base.sha256):
+            raise BundleError(f"base model sha256 must be 64 lower-case hex digits, got {base.sha256!r}")
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise BundleError(f"a bundle needs at least two distinct labels, got {list(self.labels)}")
+        _check_head_kind(self.head_kind)
+        if not self.heads:
+            raise BundleError("a bundle needs at least one set of exit heads")
+        for pooling, heads in self.heads.items():
+            self._check_heads(pooling, heads)
+        if self.default_policy not in self.policies:
+            raise BundleError(f"default policy {self.default_policy!r} is not among the bundle's policies "
+                              f"({', '.join(self.policies) or 'none'})")
+
+    def _check_heads(self, pooling: str, heads: ExitHeads) -> None:
+        _check_pooling(pooling)
+        if heads.pooling != pooling:
+            raise BundleError(f"the heads filed under pooling {pooling!r} say they are {heads.pooling!r}")
+        if heads.labels != self.labels:
+            raise BundleError(f"the {pooling} exit heads are for labels {list(heads.labels)}, "
+                              f"the bundle's are {list(self.labels)}")
+        if heads.n_embd != self.base.n_embd:
+            raise BundleError(f"the {pooling} exit heads read {heads.n_embd}-dim states but the base model's "
+                              f"embedding length is {self.base.n_embd}")
+        if heads.layers[-1] >= self.base.n_layer:
+            raise BundleError(f"there is a {pooling} exit head for layer {heads.layers[-1]} but the base model has "
+                              f"only {self.base.n_layer} layers (0–{self.base.n_layer - 1})")
+        for layer, head in heads.heads.items():
+            hidden = head.weights[0][0].shape[0] if self.head_kind == "mlp" else 0
+            if head.kind != self.head_kind or hidden != self.head_hidden:
+                raise BundleError(f"the {pooling} exit head for layer {layer} is {head.kind!r} with hidden size "
+                                  f"{hidden}; the bundle declares {self.head_kind!r} with {self.head_hidden}")
+
+    @property
+    def model_file(self) -> Path | None:
+        """The base model shipped in the bundle directory, if any."""
+        if self.directory is None:
+            return None
+        path = self.directory / MODEL_FILE
+        return path if path.is_file() else None
+
+    def check_base(self, sha256: str, architecture: str, n_layer: int, n_embd: int) -> None:
+        """Refuse a model other than the one the heads were trained on: their inputs would be meaningless."""
+        model = BaseModelRef(self.base.name, sha256.lower(), architecture, n_layer, n_embd)
+        if (model.sha256, architecture, n_layer, n_embd) != (
+                self.base.sha256, self.base.architecture, self.base.n_layer, self.base.n_embd):
+            raise BundleError(f"bundle was built for {self.base.describe()} but the model is {model.describe()}; "
+                              "use the bundle's own base model or convert the heads again for this one")
+
+    def policy_params(self, name: str) -> dict[str, Any]:
+        try:
+            return self.policies[name]
+        except KeyError:
+            raise BundleError(f"bundle has no policy {name!r}; it has {', '.join(self.policies)}") from None
+
+
+def _check_head_kind(kind: str) -> str:
+    if kind not in keys.HEAD_LINEARS:
+        raise BundleError(f"unknown head kind {kind!r}; expected one of {', '.join(keys.HEAD_LINEARS)}")
+    return kind
+
+
+def _check_pooling(name: str) -> str:
+    if not keys.valid_pooling(name):
+        raise BundleError(f"pooling name {name!r} must be a lower-case identifier of at most 32 characters "
+                          "and not one of base, splitter, head, policy")
+    return name
+
+
+# GGUF value types of the keys: (type, array item type).
+_Spec = tuple[GGUFValueType, GGUFValueType | None]
+_STR = (GGUFValueType.STRING, None)
+_U32 = (GGUFValueType.UINT32, None)
+_STRS = (GGUFValueType.ARRAY, GGUFValueType.STRING)
+_U32S = (GGUFValueType.ARRAY, GGUFValueType.UINT32)
+
+
+def _metadata(bundle: Bundle) -> list[tuple[str, Any, _Spec]]:
+    """Every key of the exits file but general.architecture, which GGUFWriter adds itself."""
+    base, e = bundle.base, Keys.Exits
+    items = [
+        (Keys.General.TYPE, keys.GENERAL_TYPE_ADAPTER, _STR),
+        (Keys.Adapter.TYPE, keys.ADAPTER_TYPE_EDGE2DEXIT, _STR),
+        (Keys.General.NAME, f"edge2dexit exits for {base.name or base.architecture}", _STR),
+        (e.FORMAT_VERSION, keys.FORMAT_VERSION, _U32),
+        (e.BASE_NAME, base.name, _STR),
+        (e.BASE_SHA256, base.sha256, _STR),
+        (e.BASE_ARCHITECTURE, base.architecture, _STR),
+        (e.BASE_BLOCK_COUNT, base.n_layer, _U32),
+        (e.BASE_EMBEDDING_LENGTH, base.n_embd, _U32),
+        (e.LABELS, list(bundle.labels), _STRS),
+        (e.TASK_PROMPT, bundle.task_prompt, _STR),
+        (e.SPLITTER_KIND, bundle.splitter.kind, _STR),
+        (e.SPLITTER_LANGUAGE, bundle.splitter.language, _STR),
+        (e.HEAD_KIND, bundle.head_kind, _STR),
+        (e.HEAD_HIDDEN_SIZE, bundle.head_hidden, _U32),
+        (e.INPUT_NORMALISATION, keys.INPUT_STANDARDISE, _STR),
+        (e.POOLINGS, list(bundle.heads), _STRS),
+        (e.DEFAULT_POLICY, bundle.default_policy, _STR),
+        (e.CALIBRATION, json.dumps(bundle.calibration) if bundle.calibration else "", _STR),
+    ]
+    items += [(keys.exit_layers_key(p), list(h.layers), _U32S) for p, h in bundle.heads.items()]
+    items += [(keys.policy_key(name), json.dumps(params), _STR) for name, params in bundle.policies.items()]
+    return items
+
+
+def _tensors(bundle: Bundle, half: bool) -> list[tuple[str, np.ndarray]]:
+    """Every exit tensor. Like llama.cpp's converters, `half` stores matrices as F16 and keeps vectors F32."""
+    out = []
+    for pooling, heads in bundle.heads.items():
+        for layer, head in heads.heads.items():
+            out += zip(keys.norm_tensors(pooling, layer), (head.norm_mean, head.norm_scale))
+            for names, pair in zip(keys.linear_tensors(pooling, layer, head.kind), head.weights):
+                out += zip(names, pair)
+    return [(name, np.ascontiguousarray(a, dtype=np.float16 if half and a.ndim == 2 else np.float32))
+            for name, a in out]
+
+
+def write_exits(bundle: Bundle, path: str | os.PathLike[str], half: bool = True) -> Path:
+    """Write the exits file atomically (a temporary file renamed into place): a crash never leaves half a bundle."""
+    bundle.validate()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = GGUFWriter(tmp, arch=bundle.base.architecture)
+    try:
+        for key, value, (vtype, sub_type) in _metadata(bundle):
+            writer.add_key_value(key, value, vtype, sub_type)  # not add_string: it drops empty strings
+        for name, array in _tensors(bundle, half):
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(tmp, path)
+    return path
+
+
+def write_bundle(bundle: Bundle, directory: str | os.PathLike[str], half: bool = True) -> Path:
+    """Write `directory`/exits.gguf (creating the directory); the base model and model card are the caller's."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_exits(bundle, directory / EXITS_FILE, half)
+
+
+def load_bundle(path: str | os.PathLike[str]) -> Bundle:
+    """Read and validate a bundle directory or exits file; every refusal is one BundleError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / EXITS_FILE).is_file():
+            raise BundleError(f"{path} is not a bundle: it has no {EXITS_FILE}")
+        path = path / EXITS_FILE
+    elif not path.is_file():
+        raise BundleError(f"bundle not found: {path} is neither a bundle directory nor an exits file")
+    try:
+        bundle = _read(path)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    bundle.directory = path.parent
+    return bundle
+
+
+def _open(path: Path) -> GGUFReader:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_GGUF_MAGIC))
+    except OSError as exc:
+        raise BundleError(f"cannot read it ({exc.strerror})") from None
+    if magic != _GGUF_MAGIC:
+        raise BundleError("not a GGUF file (it does not start with the GGUF magic)")
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # gguf-py reports damage as whatever numpy raises on reading past the end
+        raise BundleError(f"GGUF file is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                          "copy or export the bundle again") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = t.data_offset + GGUFWriter.ggml_pad(int(t.n_bytes), int(reader.alignment))
+        if end > size:
+            raise BundleError(f"GGUF file is truncated or corrupt (tensor {t.name} ends at byte {end}, "
+                              f"the file has {size}); copy or export the bundle again")
+    return reader
+
+
+def _value(reader: GGUFReader, key: str, spec: _Spec) -> Any:
+    f = reader.get_field(key)
+    if f is None:
+        raise BundleError(f"missing key {key}")
+    vtype, sub_type = spec
+    # An empty array has no item type: accept it and let the checks on its content speak.
+    if f.types[0] != vtype or (sub_type is not None and f.types[1:] not in ([], [sub_type])):
+        found = "/".join(t.name for t in f.types)
+        raise BundleError(f"key {key} is {found}, expected {'/'.join(t.name for t in spec if t is not None)}")
+    return f.contents()
+
+
+def _json_object(key: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise BundleError(f"key {key} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise BundleError(f"key {key} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read(path: Path) -> Bundle:
+    reader = _open(path)
+    for key, expected in ((Keys.General.TYPE, keys.GENERAL_TYPE_ADAPTER),
+                          (Keys.Adapter.TYPE, keys.ADAPTER_TYPE_EDGE2DEXIT)):
+        f = reader.get_field(key)
+        found = f.contents() if f is not None and f.types == [GGUFValueType.STRING] else None
+        if found != expected:
+            raise BundleError(f"not an edge2dexit exits file ({key} = {found!r}, expected {expected!r})")
+    e = Keys.Exits
+    version = _value(reader, e.FORMAT_VERSION, _U32)
+    if version > keys.FORMAT_VERSION:
+        raise BundleError(f"written in exits format version {version}, this edge2dexit reads up to version "
+                          f"{keys.FORMAT_VERSION}: upgrade edge2dexit")
+    if version < 1:
+        raise BundleError(f"unknown exits format version {version}")
+    normalisation = _value(reader, e.INPUT_NORMALISATION, _STR)
+    if normalisation != keys.INPUT_STANDARDISE:
+        raise BundleError(f"unknown input normalisation {normalisation!r}")
+
+    base = BaseModelRef(
+        name=_value(reader, e.BASE_NAME, _STR),
+        sha256=_value(reader, e.BASE_SHA256, _STR),
+        architecture=_value(reader, e.BASE_ARCHITECTURE, _STR),
+        n_layer=_value(reader, e.BASE_BLOCK_COUNT, _U32),
+        n_embd=_value(reader, e.BASE_EMBEDDING_LENGTH, _U32),
+    )
+    labels = tuple(_value(reader, e.LABELS, _STRS))
+    head_kind = _check_head_kind(_value(reader, e.HEAD_KIND, _STR))  # before it is used to build tensor names
+    try:
+        splitter = SentenceSplitter(_value(reader, e.SPLITTER_KIND, _STR), _value(reader, e.SPLITTER_LANGUAGE, _STR))
+    except InputError as exc:
+        raise BundleError(str(exc)) from None
+
+    tensors = {t.name: t for t in reader.tensors}
+    heads = {}
+    for pooling in map(_check_pooling, _value(reader, e.POOLINGS, _STRS)):
+        layers = _value(reader, keys.exit_layers_key(pooling), _U32S)
+        if len(set(layers)) != len(layers):
+            raise BundleError(f"{keys.exit_layers_key(pooling)} lists a layer twice: {layers}")
+        heads[pooling] = ExitHeads(pooling, labels, {
+            layer: _read_head(tensors, pooling, layer, head_kind) for layer in layers})
+    used = {name for pooling, h in heads.items() for layer in h.layers
+            for name in _head_tensor_names(pooling, layer, head_kind)}
+    unused = tensors.keys() - used
+    if unused:
+        raise BundleError(f"holds tensors that belong to no exit head of the bundle: {', '.join(sorted(unused))}")
+
+    policies = {}
+    for key in reader.fields:
+        name = keys.policy_name(key)
+        if name is not None:
+            policies[name] = _json_object(key, _value(reader, key, _STR))
+    calibration = _value(reader, e.CALIBRATION, _STR)
+    return Bundle(
+        base=base,
+        labels=labels,
+        task_prompt=_value(reader, e.TASK_PROMPT, _STR),
+        splitter=splitter,
+        heads=heads,
+        policies=policies,
+        default_policy=_value(reader, e.DEFAULT_POLICY, _STR),
+        calibration=_json_object(e.CALIBRATION, calibration) if calibration else {},
+        head_kind=head_kind,
+        head_hidden=_value(reader, e.HEAD_HIDDEN_SIZE, _U32),
+    )
+
+
+def _head_tensor_names(pooling: str, layer: int, kind: str) -> tuple[str, ...]:
+    return keys.norm_tensors(pooling, layer) + sum(keys.linear_tensors(pooling, layer, kind), ())
+
+
+_F32 = (GGMLQuantizationType.F32,)
+_F16_OR_F32 = (GGMLQuantizationType.F16, GGMLQuantizationType.F32)
+
+
+def _read_head(tensors: dict[str, ReaderTensor], pooling: str, layer: int, kind: str) -> ExitHead:
+    def array(name: str, allowed: tuple[GGMLQuantizationType, ...]) -> np.ndarray:
+        t = tensors.get(name)
+        if t is None:
+            raise BundleError(f"missing tensor {name}")
+        if t.tensor_type not in allowed:
+            raise BundleError(f"tensor {name} is {t.tensor_type.name}; expected {' or '.join(a.name for a in allowed)}")
+        return np.array(t.data)  # a copy: the reader's memory map is released with the reader
+
+    mean, scale = (array(name, _F32) for name in keys.norm_tensors(pooling, layer))
+    weights = tuple((array(w, _F16_OR_F32), array(b, _F16_OR_F32))
+                    for w, b in keys.linear_tensors(pooling, layer, kind))
+    return ExitHead(layer, kind, mean, scale, weights)

@@ -1,0 +1,140 @@
+"""Exit heads: the small classifiers that read one layer's hidden state, in plain numpy.
+
+A head standardises its input first, x' = (x - norm_mean) / norm_scale, because residual streams are huge and
+grow with depth (Gemma's reaches norms of 35,000): without it one set of weights could not serve all inputs.
+The runtime calls a head once per (sentence, layer) cell, so everything that can be prepared is prepared at
+construction: the transposed weights are kept contiguous in float32, and a call allocates only its activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .errors import BundleError
+from .keys import HEAD_LINEARS
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)  # exp never overflows: the largest term is exp(0)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def margin(p: np.ndarray) -> np.ndarray | float:
+    """p_top1 − p_top2 along the last axis: the paper's confidence. 0 means a tie, 1 certainty."""
+    top2 = np.sort(p, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+@dataclass(frozen=True, eq=False)
+class ExitHead:
+    """One layer's classifier: standardise, then `weights` as linear layers (W [out, in], b [out]) with ReLU between.
+
+    The norm vectors are kept as float32, as the bundle stores them; `weights` keeps the arrays it was given
+    (float16 when loaded from a half-precision bundle) and computation uses float32 copies.
+    """
+
+    layer: int
+    kind: str
+    norm_mean: np.ndarray
+    norm_scale: np.ndarray
+    weights: tuple[tuple[np.ndarray, np.ndarray], ...]
+    _linears: tuple[tuple[np.ndarray, np.ndarray], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        where = f"exit head for layer {self.layer}"
+        if self.kind not in HEAD_LINEARS:
+            raise BundleError(f"{where} has unknown kind {self.kind!r}; expected one of {', '.join(HEAD_LINEARS)}")
+        stems = HEAD_LINEARS[self.kind]
+        if len(self.weights) != len(stems):
+            raise BundleError(f"{where} is {self.kind!r} and needs {len(stems)} linear layers, got {len(self.weights)}")
+        mean = np.ascontiguousarray(self.norm_mean, dtype=np.float32)
+        scale = np.ascontiguousarray(self.norm_scale, dtype=np.float32)
+        if mean.ndim != 1 or mean.shape != scale.shape:
+            raise BundleError(f"{where}: norm_mean {list(mean.shape)} and norm_scale {list(scale.shape)} "
+                              "must be vectors of the same length")
+        if not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
+            raise BundleError(f"{where}: norm_scale must be finite and positive and norm_mean finite")
+        width = mean.shape[0]
+        linears = []
+        for stem, (w, b) in zip(stems, self.weights):
+            w, b = np.asarray(w), np.asarray(b)
+            if w.ndim != 2 or b.shape != w.shape[:1] or w.shape[1] != width:
+                raise BundleError(f"{where}: {stem} has weight {list(w.shape)} and bias {list(b.shape)} "
+                                  f"but must map {width} inputs, i.e. weight [out, {width}] and bias [out]")
+            if not (np.isfinite(w).all() and np.isfinite(b).all()):
+                raise BundleError(f"{where}: {stem} holds non-finite values (NaN or inf)")
+            linears.append((np.ascontiguousarray(w.T, dtype=np.float32), b.astype(np.float32)))
+            width = w.shape[0]
+        object.__setattr__(self, "norm_mean", mean)
+        object.__setattr__(self, "norm_scale", scale)
+        object.__setattr__(self, "_linears", tuple(linears))
+
+    @property
+    def n_embd(self) -> int:
+        return self.norm_mean.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self._linears[-1][1].shape[0]
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities (float64) of one state [d] or of a batch [n, d]."""
+        h = np.asarray(x, dtype=np.float32)
+        if h.shape[-1] != self.n_embd:
+            raise BundleError(f"exit head for layer {self.layer} reads {self.n_embd}-dim states, "
+                              f"got shape {list(h.shape)}")
+        h = h - self.norm_mean
+        h /= self.norm_scale
+        for i, (wt, b) in enumerate(self._linears):
+            if i:
+                np.maximum(h, 0, out=h)
+            h = h @ wt
+            h += b
+        return _softmax(h)
+
+
+class ExitHeads:
+    """The heads of one pooling (e.g. "sentence", "prefix"), one per exit layer, all over the same labels."""
+
+    def __init__(self, pooling: str, labels: tuple[str, ...], heads: Mapping[int, ExitHead]) -> None:
+        if not heads:
+            raise BundleError(f"the {pooling} pooling has no exit heads")
+        for layer, head in heads.items():
+            if head.layer != layer:
+                raise BundleError(f"the {pooling} exit head filed under layer {layer} "
+                                  f"says it is for layer {head.layer}")
+            if head.n_classes != len(labels):
+                raise BundleError(f"bundle has {len(labels)} labels but the exit head for layer {layer} "
+                                  f"outputs {head.n_classes} classes")
+        widths = {layer: head.n_embd for layer, head in heads.items()}
+        if len(set(widths.values())) > 1:
+            raise BundleError(f"the {pooling} exit heads read states of different sizes: "
+                              + ", ".join(f"layer {layer}: {d}" for layer, d in sorted(widths.items())))
+        self.pooling = pooling
+        self.labels = tuple(labels)
+        self.heads = dict(sorted(heads.items()))
+        self.layers: tuple[int, ...] = tuple(self.heads)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_embd(self) -> int:
+        return self.heads[self.layers[0]].n_embd
+
+    def head(self, layer: int) -> ExitHead:
+        try:
+            return self.heads[layer]
+        except KeyError:
+            raise BundleError(f"no {self.pooling} exit head for layer {layer}; "
+                              f"this bundle has them for layers {', '.join(map(str, self.layers))}") from None
+
+    def proba(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self.head(layer).proba(x)

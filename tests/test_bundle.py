@@ -1,0 +1,277 @@
+import dataclasses
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+from edge2dexit import keys
+from edge2dexit.bundle import BaseModelRef, Bundle, load_bundle, write_bundle, write_exits
+from edge2dexit.errors import BundleError
+from edge2dexit.heads import ExitHead, ExitHeads
+from edge2dexit.keys import Keys
+from edge2dexit.sentences import SentenceSplitter
+
+SHA = "a5fd3b62" + "0" * 56
+D = 16
+
+
+def make_heads(rng, pooling, labels, layers, kind):
+    sizes = [D, 8, len(labels)] if kind == "mlp" else [D, len(labels)]
+    return ExitHeads(pooling, labels, {
+        layer: ExitHead(
+            layer, kind,
+            (rng.normal(size=D) * 100).astype(np.float32), rng.uniform(1, 50, size=D).astype(np.float32),
+            tuple((rng.normal(size=(o, i)).astype(np.float32), rng.normal(size=o).astype(np.float32))
+                  for i, o in zip(sizes, sizes[1:])))
+        for layer in layers})
+
+
+def make_bundle(kind="mlp", labels=("neg", "pos")):
+    rng = np.random.default_rng(0)
+    return Bundle(
+        base=BaseModelRef("smollm2-135m", SHA, "llama", 6, D),
+        labels=labels,
+        task_prompt="Classify the sentiment of this review:",
+        splitter=SentenceSplitter("regex", "en"),
+        heads={"sentence": make_heads(rng, "sentence", labels, [1, 3, 5], kind),
+               "prefix": make_heads(rng, "prefix", labels, [2, 4], kind)},
+        policies={"ours": {"layer": 3, "tau": 0.25, "schedule": [1, 2, 3]}, "full": {}},
+        default_policy="ours",
+        calibration={"frontier": [[0.91, 2.5], [0.9, 3.1]], "chosen": 1},
+        head_kind=kind,
+        head_hidden=8 if kind == "mlp" else 0,
+    )
+
+
+@pytest.fixture
+def bundle():
+    return make_bundle()
+
+
+@pytest.fixture
+def exits(bundle, tmp_path):
+    return write_bundle(bundle, tmp_path / "b", half=False)
+
+
+def assert_same_bundle(loaded, original, half):
+    for f in dataclasses.fields(Bundle):
+        if f.name not in ("heads", "directory"):
+            assert getattr(loaded, f.name) == getattr(original, f.name), f.name
+    assert list(loaded.heads) == list(original.heads)
+    for pooling, heads in original.heads.items():
+        got = loaded.heads[pooling]
+        assert (got.pooling, got.labels, got.layers) == (heads.pooling, heads.labels, heads.layers)
+        for layer, head in heads.heads.items():
+            g = got.head(layer)
+            assert g.kind == head.kind
+            for a, b in [(g.norm_mean, head.norm_mean), (g.norm_scale, head.norm_scale)]:
+                assert a.dtype == np.float32
+                np.testing.assert_array_equal(a, b)
+            for (gw, gb), (w, b) in zip(g.weights, head.weights):
+                assert gw.dtype == (np.float16 if half else np.float32) and gb.dtype == np.float32
+                np.testing.assert_array_equal(gw, w.astype(gw.dtype))
+                np.testing.assert_array_equal(gb, b)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+@pytest.mark.parametrize("half", [False, True])
+def test_round_trip_every_key_and_tensor(tmp_path, kind, half):
+    original = make_bundle(kind=kind, labels=("a", "b", "c"))
+    path = write_bundle(original, tmp_path / "b", half=half)
+    assert path == tmp_path / "b" / "exits.gguf"
+    loaded = load_bundle(path.parent)
+    assert loaded.directory == path.parent
+    assert_same_bundle(loaded, original, half)
+    # Writing what was read gives the same bytes: no key or tensor is lost, added or altered.
+    again = write_exits(loaded, tmp_path / "again.gguf", half=half)
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_file_layout(exits):
+    reader = GGUFReader(exits)
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    assert fields[Keys.General.TYPE] == "adapter" and fields[Keys.Adapter.TYPE] == "edge2dexit"
+    assert fields[Keys.General.ARCHITECTURE] == "llama"
+    assert fields["edge2dexit.sentence.exit_layers"] == [1, 3, 5]
+    assert reader.fields[keys.exit_layers_key("prefix")].types == [GGUFValueType.ARRAY, GGUFValueType.UINT32]
+    assert fields["edge2dexit.policy.full"] == "{}"
+    names = {t.name for t in reader.tensors}
+    assert {"exit.sentence.3.norm_mean", "exit.sentence.3.norm_scale", "exit.sentence.3.fc1.weight",
+            "exit.sentence.3.fc1.bias", "exit.prefix.4.fc2.weight", "exit.prefix.4.fc2.bias"} <= names
+    assert len(names) == 5 * 6
+    assert next(t for t in reader.tensors if t.name == "exit.sentence.3.fc1.weight").data.shape == (8, D)
+
+
+def test_empty_strings_survive(tmp_path):
+    b = dataclasses.replace(make_bundle(), base=BaseModelRef("", SHA, "llama", 6, D), task_prompt="", calibration={})
+    loaded = load_bundle(write_exits(b, tmp_path / "x.gguf"))
+    assert (loaded.base.name, loaded.task_prompt, loaded.calibration) == ("", "", {})
+
+
+def test_model_file_and_policy_params(exits, bundle):
+    loaded = load_bundle(exits)
+    assert loaded.model_file is None
+    (exits.parent / "model.gguf").write_bytes(b"stand-in")
+    assert loaded.model_file == exits.parent / "model.gguf"
+    assert loaded.policy_params("ours") == {"layer": 3, "tau": 0.25, "schedule": [1, 2, 3]}
+    with pytest.raises(BundleError, match="no policy 'fast'; it has ours, full"):
+        loaded.policy_params("fast")
+
+
+def test_check_base(bundle):
+    bundle.check_base(SHA.upper(), "llama", 6, D)
+    with pytest.raises(BundleError) as err:
+        bundle.check_base("b179c952" + "1" * 56, "gemma3", 18, 640)
+    assert str(err.value).startswith("bundle was built for llama (6 layers, 16-dim, sha256 a5fd3b62…) "
+                                     "but the model is gemma3 (18 layers, 640-dim, sha256 b179c952…)")
+
+
+def test_writer_refuses_what_the_loader_would(tmp_path, bundle):
+    bundle.default_policy = "missing"
+    with pytest.raises(BundleError, match="default policy 'missing' is not among the bundle's policies"):
+        write_bundle(bundle, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- refusals -------------------------------------------------------------------------------------------------------
+
+def rewrite(src, dst, set_keys=(), drop=(), tensors=None):
+    """Copy an exits file with GGUFWriter, replacing keys ({key: (value, type, item type)}), dropping keys or
+    tensors (names in `drop`), or replacing all tensors ({name: array})."""
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, arch=reader.fields[Keys.General.ARCHITECTURE].contents())
+    set_keys = dict(set_keys)
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == Keys.General.ARCHITECTURE or name in drop:
+            continue
+        value, vtype, sub = set_keys.pop(name, (f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None))
+        writer.add_key_value(name, value, vtype, sub)
+    for name, (value, vtype, sub) in set_keys.items():
+        writer.add_key_value(name, value, vtype, sub)
+    if tensors is None:
+        tensors = {t.name: np.array(t.data) for t in reader.tensors if t.name not in drop}
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def refused(path, *words):
+    with pytest.raises(BundleError) as err:
+        load_bundle(path)
+    message = str(err.value)
+    for w in words:
+        assert w in message, message
+    return message
+
+
+def test_not_a_bundle(tmp_path):
+    refused(tmp_path / "nowhere", "bundle not found", "nowhere")
+    refused(tmp_path, "is not a bundle: it has no exits.gguf")
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello")
+    refused(text, "notes.gguf: not a GGUF file")
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    refused(empty, "not a GGUF file")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.05, 0.2, 0.5, 0.8, 0.99, 1.0])
+def test_truncated(exits, tmp_path, fraction):
+    data = exits.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:max(8, min(int(len(data) * fraction), len(data) - 1))])
+    refused(cut, "cut.gguf: GGUF file is truncated or corrupt", "export the bundle again")
+
+
+def test_corrupt_header(exits):
+    data = bytearray(exits.read_bytes())
+    data[8:16] = (10**9).to_bytes(8, "little")  # tensor count
+    exits.write_bytes(bytes(data))
+    refused(exits, "truncated or corrupt")
+
+
+def test_other_adapter_and_plain_model(exits, tmp_path):
+    lora = rewrite(exits, tmp_path / "lora.gguf", {Keys.Adapter.TYPE: ("lora", GGUFValueType.STRING, None)})
+    refused(lora, "not an edge2dexit exits file (adapter.type = 'lora'")
+    model = tmp_path / "model.gguf"
+    writer = GGUFWriter(model, arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    refused(model, "not an edge2dexit exits file (general.type = None, expected 'adapter')")
+
+
+def test_format_version(exits):
+    reader = GGUFReader(exits, "r+")  # edit the key in place
+    reader.fields[Keys.Exits.FORMAT_VERSION].parts[-1][0] = keys.FORMAT_VERSION + 1
+    reader.data.flush()
+    del reader
+    refused(exits, f"format version {keys.FORMAT_VERSION + 1}", "upgrade edge2dexit")
+    reader = GGUFReader(exits, "r+")
+    reader.fields[Keys.Exits.FORMAT_VERSION].parts[-1][0] = 0
+    reader.data.flush()
+    del reader
+    refused(exits, "unknown exits format version 0")
+
+
+@pytest.mark.parametrize("key", [Keys.Exits.LABELS, Keys.Exits.BASE_SHA256, Keys.Exits.FORMAT_VERSION,
+                                 keys.exit_layers_key("prefix"), Keys.Exits.CALIBRATION])
+def test_missing_key(exits, tmp_path, key):
+    refused(rewrite(exits, tmp_path / "x.gguf", drop=[key]), f"missing key {key}")
+
+
+def test_wrong_key_type(exits, tmp_path):
+    bad = rewrite(exits, tmp_path / "x.gguf", {Keys.Exits.BASE_BLOCK_COUNT: (6, GGUFValueType.INT32, None)})
+    refused(bad, "key edge2dexit.base.block_count is INT32, expected UINT32")
+
+
+def test_labels_not_matching_heads(exits, tmp_path):
+    labels = (["a", "b", "c"], GGUFValueType.ARRAY, GGUFValueType.STRING)
+    bad = rewrite(exits, tmp_path / "x.gguf", {Keys.Exits.LABELS: labels})
+    refused(bad, "x.gguf: bundle has 3 labels but the exit head for layer 1 outputs 2 classes")
+
+
+def test_heads_not_matching_embedding_length(exits, tmp_path):
+    bad = rewrite(exits, tmp_path / "x.gguf", {Keys.Exits.BASE_EMBEDDING_LENGTH: (32, GGUFValueType.UINT32, None)})
+    refused(bad, "exit heads read 16-dim states but the base model's embedding length is 32")
+
+
+def test_exit_layer_beyond_depth(exits, tmp_path):
+    bad = rewrite(exits, tmp_path / "x.gguf", {Keys.Exits.BASE_BLOCK_COUNT: (5, GGUFValueType.UINT32, None)})
+    refused(bad, "exit head for layer 5 but the base model has only 5 layers")
+
+
+def test_policy_not_json(exits, tmp_path):
+    bad = rewrite(exits, tmp_path / "x.gguf", {keys.policy_key("ours"): ("{tau: 0.3", GGUFValueType.STRING, None)})
+    refused(bad, "key edge2dexit.policy.ours is not valid JSON")
+    bad = rewrite(exits, tmp_path / "y.gguf", {keys.policy_key("ours"): ("[0.3]", GGUFValueType.STRING, None)})
+    refused(bad, "key edge2dexit.policy.ours must hold a JSON object")
+
+
+def test_default_policy_unknown(exits, tmp_path):
+    bad = rewrite(exits, tmp_path / "x.gguf", {Keys.Exits.DEFAULT_POLICY: ("paper2d", GGUFValueType.STRING, None)})
+    refused(bad, "default policy 'paper2d' is not among the bundle's policies (ours, full)")
+
+
+def test_missing_and_stray_tensors(exits, tmp_path):
+    bad = rewrite(exits, tmp_path / "x.gguf", drop=["exit.prefix.4.fc1.bias"])
+    refused(bad, "missing tensor exit.prefix.4.fc1.bias")
+    tensors = {t.name: np.array(t.data) for t in GGUFReader(exits).tensors}
+    tensors["exit.prefix.9.fc.weight"] = np.zeros((2, D), np.float32)
+    refused(rewrite(exits, tmp_path / "y.gguf", tensors=tensors), "belong to no exit head", "exit.prefix.9.fc.weight")
+    tensors.pop("exit.prefix.9.fc.weight")
+    tensors["exit.sentence.1.norm_scale"] = tensors["exit.sentence.1.norm_scale"].astype(np.float16)
+    refused(rewrite(exits, tmp_path / "z.gguf", tensors=tensors), "exit.sentence.1.norm_scale is F16; expected F32")
+
+
+def test_unknown_splitter_and_head_kind(exits, tmp_path):
+    bad = rewrite(exits, tmp_path / "x.gguf", {Keys.Exits.SPLITTER_KIND: ("spacy", GGUFValueType.STRING, None)})
+    refused(bad, "unknown sentence splitter 'spacy'")
+    bad = rewrite(exits, tmp_path / "y.gguf", {Keys.Exits.HEAD_KIND: ("linear", GGUFValueType.STRING, None)})
+    refused(bad, "missing tensor exit.sentence.1.fc.weight")

@@ -24,7 +24,7 @@ as the paper does.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -93,7 +93,7 @@ class Engine:
                 f"the task prompt takes {len(self.prompt_tokens)} tokens, more than the context of {self.context.n_ctx}"
             )
         self.context.decode(self.prompt_tokens, 0, self.n_layer, ())  # valid at every depth, once
-        self._current: Document | None = None
+        self._current: _EngineDocument | None = None
 
     def tokenize_sentences(self, sentences: Sequence[str]) -> list[list[int]]:
         """The token rule of sentences.py: each sentence on its own, as " " + sentence, without BOS."""
@@ -107,9 +107,9 @@ class Engine:
     def document(self) -> "Document":
         """Start reading a new document (the previous one's positions are dropped; the prompt is kept)."""
         if self._current is not None:
-            self._current._closed = True
+            self._current.closed = True
         self.context.remove(len(self.prompt_tokens))
-        self._current = Document(self)
+        self._current = _EngineDocument(self)
         return self._current
 
     def close(self) -> None:
@@ -123,15 +123,16 @@ class Engine:
         self.close()
 
 
-@dataclass
 class Document:
-    """The reading state of one document. Get one from `Engine.document()`."""
+    """The reading state of one document: which sentences were read, where, how deep their KV is valid,
+    and what it all cost. Subclasses supply the computation (`_compute`) and cache removal (`_forget`):
+    the engine's documents run llama.cpp, `replay.ReplayDocument` serves stored states."""
 
-    engine: Engine
-    _sentences: list[_Sentence] = field(default_factory=list)
-    token_layers: int = 0
-    decode_calls: int = 0
-    _closed: bool = False
+    def __init__(self, n_embd: int, first_position: int, capacity: int):
+        self.n_embd, self._first_position, self.capacity = n_embd, first_position, capacity
+        self._sentences: list[_Sentence] = []
+        self.token_layers = 0
+        self.decode_calls = 0
 
     @property
     def n_sentences(self) -> int:
@@ -151,7 +152,7 @@ class Document:
 
     def fits(self, sentences: Sequence[Sequence[int]]) -> bool:
         """Whether these tokenized sentences still fit in the context after what was read."""
-        return self.n_tokens + sum(len(t) for t in sentences) <= self.engine.capacity
+        return self.n_tokens + sum(len(t) for t in sentences) <= self.capacity
 
     def append(
         self,
@@ -166,15 +167,14 @@ class Document:
         `layers` are the layers whose states are returned (default: all below `depth`). `stop(layer, means)`,
         given the new sentences' mean states at each layer read, may end the decode after that layer.
         """
-        self._check_open()
         if not self.fits(sentences):
             needed = self.n_tokens + sum(len(t) for t in sentences)
             raise ContextOverflowError(
                 f"the text needs {needed} tokens after the task prompt but the context leaves room for "
-                f"{self.engine.capacity}: raise the context size (n_ctx) or allow truncation"
+                f"{self.capacity}: raise the context size (n_ctx) or allow truncation"
             )
         self.deepen(depth, layers=())
-        start = len(self.engine.prompt_tokens) + self.n_tokens
+        start = self._first_position + self.n_tokens
         new = []
         for tokens in sentences:
             new.append(_Sentence(list(tokens), start, 0, 0))
@@ -192,11 +192,10 @@ class Document:
         A consumer may stop iterating at any time (the sentences not yet re-decoded are then out of the
         cache and will be re-decoded when needed); a `stop` that fires also ends the iteration.
         """
-        self._check_open()
         stale = next((i for i, s in enumerate(self._sentences) if s.valid_depth < depth), None)
         if stale is None:
             return
-        self.engine.context.remove(self._sentences[stale].start)
+        self._forget(self._sentences[stale].start)
         for sentence in self._sentences[stale:]:
             sentence.valid_depth = 0
         for index in range(stale, len(self._sentences)):
@@ -218,11 +217,51 @@ class Document:
         stop: StopRule | None,
     ) -> list[SentenceStates]:
         layers = tuple(range(depth)) if layers is None else tuple(layers)
+        reached, means, lasts = self._compute(sentences, first_index, depth, layers, stop)
+        self.token_layers += sum(len(s.tokens) for s in sentences) * reached
+        self.decode_calls += 1
+        for s in sentences:
+            s.valid_depth = reached
+            s.max_depth = max(s.max_depth, reached)
+        read = tuple(layer for layer in layers if layer < reached)
+        return [
+            SentenceStates(first_index + i, len(s.tokens), reached, read, means[i], lasts[i])
+            for i, s in enumerate(sentences)
+        ]
+
+    def _compute(
+        self,
+        sentences: list[_Sentence],
+        first_index: int,
+        depth: int,
+        layers: tuple[int, ...],
+        stop: StopRule | None,
+    ) -> tuple[int, np.ndarray, np.ndarray]:
+        """Compute `sentences` (in one decode) to `depth`, or less where `stop` fires. Returns the depth
+        reached and, for the layers read below it, the means and last-token states [n, n_read, n_embd]."""
+        raise NotImplementedError
+
+    def _forget(self, position: int) -> None:
+        """Drop every cached position from `position` on."""
+        raise NotImplementedError
+
+
+class _EngineDocument(Document):
+    def __init__(self, engine: Engine):
+        super().__init__(engine.n_embd, len(engine.prompt_tokens), engine.capacity)
+        self.engine = engine
+        self.closed = False
+
+    def _forget(self, position: int) -> None:
+        self._check_open()
+        self.engine.context.remove(position)
+
+    def _compute(self, sentences, first_index, depth, layers, stop):
+        self._check_open()
         tokens = [tok for s in sentences for tok in s.tokens]
         lengths = np.array([len(s.tokens) for s in sentences])
         ends = np.cumsum(lengths)
         starts = ends - lengths
-
         counts = lengths[:, None].astype(np.float32)
 
         def segment_means(rows: np.ndarray) -> np.ndarray:
@@ -230,22 +269,14 @@ class Document:
 
         on_layer = None if stop is None else (lambda layer, rows: stop(layer, segment_means(rows)))
         decoded = self.engine.context.decode(tokens, sentences[0].start, depth, layers, on_layer)
-        self.token_layers += len(tokens) * decoded.depth
-        self.decode_calls += 1
-        for s in sentences:
-            s.valid_depth = decoded.depth
-            s.max_depth = max(s.max_depth, decoded.depth)
-        read = tuple(layer for layer in layers if layer < decoded.depth)
-        means = np.empty((len(sentences), len(read), self.engine.n_embd), dtype=np.float32)
+        read = [layer for layer in layers if layer < decoded.depth]
+        means = np.empty((len(sentences), len(read), self.n_embd), dtype=np.float32)
         lasts = np.empty_like(means)
         for k, layer in enumerate(read):
             means[:, k] = segment_means(decoded.rows[layer])
             lasts[:, k] = decoded.rows[layer][ends - 1]
-        return [
-            SentenceStates(first_index + i, int(lengths[i]), decoded.depth, read, means[i], lasts[i])
-            for i in range(len(sentences))
-        ]
+        return decoded.depth, means, lasts
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self.closed:
             raise RuntimeError("this document was replaced by a newer Engine.document(); read from that one")

@@ -1,0 +1,150 @@
+"""Exit rules on synthetic probability grids, hand-checked. States are log-probabilities read by identity
+linear heads, so the head at layer l on sentence k returns exactly P[k, l]."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge2dexit.heads import ExitHead, ExitHeads
+from edge2dexit.policies import Accumulator, Decision, make_policy, paper2d_steps, Step
+from edge2dexit.replay import ReplayDocument
+
+C = 2
+
+
+def identity_heads(pooling: str, n_layer: int) -> ExitHeads:
+    eye = np.eye(C, dtype=np.float32)
+    zeros, ones = np.zeros(C, np.float32), np.ones(C, np.float32)
+    return ExitHeads(
+        pooling, ("neg", "pos"), {l: ExitHead(l, "linear", zeros, ones, ((eye, zeros),)) for l in range(n_layer)}
+    )
+
+
+def grid(*margins_by_sentence):
+    """P[k, l] from margins: positive margin m → class 1 with p = (1 + m) / 2, negative → class 0."""
+    m = np.array(margins_by_sentence, dtype=np.float64)
+    p1 = (1 + m) / 2
+    return np.stack([1 - p1, p1], axis=-1)
+
+
+def run(name, P, tokens, **params):
+    n_layer = P.shape[1]
+    heads = {"sentence": identity_heads("sentence", n_layer), "prefix": identity_heads("prefix", n_layer)}
+    doc = ReplayDocument(np.log(P).astype(np.float32), tokens)
+    decision = make_policy(name, heads, n_layer, params).run(doc, doc.sentences)
+    return decision, doc
+
+
+def test_accumulator_ignores_low_confidence_and_stops_on_excess():
+    acc = Accumulator(2, tau_ignore=0.3, tau_acc=1.0)
+    assert not acc.add(np.array([0.4, 0.6]))  # margin 0.2 ≤ τ_ignore: ignored
+    assert acc.totals.tolist() == [0.0, 0.0]
+    assert not acc.add(np.array([0.2, 0.8]))  # +0.6 to class 1
+    assert acc.add(np.array([0.1, 0.9]))  # +0.8: 1.4 > τ_acc
+    assert acc.winner == 1 and acc.totals[1] == pytest.approx(1.4)
+
+
+def test_accumulator_needs_strictly_more_than_tau_acc_and_ties_go_to_lower_class():
+    acc = Accumulator(2, tau_ignore=0.0, tau_acc=0.5)
+    assert not acc.add(np.array([0.75, 0.25]))  # exactly 0.5 is not > 0.5
+    tie = Accumulator(3, tau_ignore=-1.0, tau_acc=10)
+    tie.add(np.array([0.4, 0.4, 0.2]))  # margin 0 in a tie; argmax → class 0
+    assert tie.totals.tolist() == [0.0, 0.0, 0.0] and tie.winner is None
+
+
+def test_paper2d_schedule():
+    assert paper2d_steps(12, 30)[:3] == [Step(0, 2, 0), Step(1, 4, 2), Step(2, 6, 4)]
+    assert paper2d_steps(12, 30)[-1] == Step(11, 24, 22)
+    steps = paper2d_steps(40, 30)  # Δ = 1: depth grows one layer per sentence, capped at L
+    assert steps[29] == Step(29, 30, 29) and steps[35] == Step(35, 30, 35)
+
+
+def test_paper2d_stops_at_the_firing_cell_and_counts_real_cost():
+    # m=3, L=6, Δ=2. Cell order: s0 l0-1 | s0 l2-3, s1 l0-3 | s0 l4-5, s1 l4-5, s2 l0-5.
+    m = np.full((3, 6), 0.1)  # below τ_ignore everywhere…
+    m[0, 5] = 0.6  # …but s0 at l5 (+0.6)
+    m[1, 4] = 0.7  # and s1 at l4 (+0.7 → 1.3 > τ_acc): fires during step 2's re-decode of s1
+    decision, doc = run("paper2d", grid(*m), [2, 3, 4], tau_ignore=0.2, tau_acc=1.0)
+    assert decision.fired and decision.label_index == 1
+    assert (decision.exit_sentence, decision.exit_layer) == (1, 4)
+    # the paper counts 2 + 6 + 3 = 11 cells; the engine computed s0 to 6 layers and s1 to 5, s2 never
+    assert doc.operations == 11
+    # real cost: s0@2 (2·2) + s0@4 (2·4) + s1@4 (3·4) + s0@6 (2·6) + s1 stopped after layer 4 (3·5)
+    assert doc.token_layers == 4 + 8 + 12 + 12 + 15
+
+
+def test_paper2d_fallback_deepens_to_the_last_layer():
+    m = np.full((3, 8), -0.05)
+    m[2, 7] = 0.3
+    decision, doc = run("paper2d", grid(*m), [1, 1, 1], tau_ignore=0.5, tau_acc=1.0)
+    assert not decision.fired and decision.label_index == 1 and decision.exit_layer == 7
+    assert doc.valid_depths == (8, 8, 8) and doc.operations == 3 * 8
+    # Δ = 2, one token per sentence: s0@2 | s0@4, s1@4 | s0@6, s1@6, s2@6 | fallback: all three @8
+    assert doc.token_layers == 2 + (4 + 4) + (6 + 6 + 6) + 3 * 8
+
+
+def test_sentence_policy_accumulates_at_the_last_layer():
+    m = np.zeros((4, 3))
+    m[:, 2] = [0.6, -0.4, 0.6, 0.9]
+    decision, doc = run("sentence", grid(*m), [3, 3, 3, 3], tau_ignore=0.5, tau_acc=1.0)
+    assert decision.fired and decision.exit_sentence == 2 and decision.label_index == 1
+    assert doc.token_layers == 3 * 3 * 3 and doc.n_sentences == 3
+
+
+def test_layer_policy_fixed_and_confident():
+    m = np.array([[0.9, 0.9, 0.9, 0.9], [0.0, 0.1, -0.8, -0.9]])
+    fixed, doc = run("layer", grid(*m), [2, 2], layer=1)
+    assert fixed.exit_layer == 1 and fixed.label_index == 1 and doc.token_layers == 4 * 2
+    confident, doc = run("layer", grid(*m), [2, 2], threshold=0.7)  # the last sentence decides
+    assert confident.exit_layer == 2 and confident.label_index == 0 and doc.token_layers == 4 * 3
+    assert doc.decode_calls == 1
+
+
+def test_full_policy_reads_everything_once():
+    m = np.array([[0.9, 0.9], [0.2, -0.6]])
+    decision, doc = run("full", grid(*m), [5, 5])
+    assert decision.label_index == 0 and decision.exit_layer == 1 and not decision.fired
+    assert doc.token_layers == 10 * 2 and doc.operations == 4 and doc.decode_calls == 1
+
+
+def test_ours_stops_on_the_prefix_mean_after_min_sentences():
+    m = np.zeros((4, 6))
+    m[:, 3] = [0.95, 0.95, 0.95, 0.95]
+    decision, doc = run("ours", grid(*m), [2, 2, 2, 2], depth=4, threshold=0.9, min_sentences=2)
+    assert decision.fired and decision.exit_sentence == 1 and decision.exit_layer == 3
+    assert doc.token_layers == 2 * 2 * 4 and doc.operations == 2 * 4
+
+
+def test_ours_prefix_mean_of_log_probabilities():
+    m = np.zeros((2, 2))
+    m[:, 1] = [0.8, -0.4]
+    decision, doc = run("ours", grid(*m), [1, 1], depth=2, threshold=0.99)
+    assert not decision.fired
+    # the head reads the mean of the two log-probability vectors: a normalised geometric mean
+    P = grid(*m)[:, 1]
+    want = np.sqrt(P[0] * P[1])
+    np.testing.assert_allclose(decision.probabilities, want / want.sum(), rtol=1e-5)
+
+
+def test_ours_deepens_only_when_the_answer_is_unsure():
+    m = np.zeros((2, 6))
+    m[:, 1] = [0.1, 0.1]
+    m[:, 5] = [-0.9, -0.9]
+    decision, doc = run("ours", grid(*m), [3, 3], depth=2, threshold=0.9, deepen_depth=6, deepen_below=0.5)
+    assert decision.exit_layer == 5 and decision.label_index == 0
+    assert doc.token_layers == 6 * 2 + 6 * 6
+    sure, doc = run("ours", grid(*m), [3, 3], depth=2, threshold=0.9, deepen_depth=6, deepen_below=0.05)
+    assert sure.exit_layer == 1 and doc.token_layers == 6 * 2
+
+
+def test_unknown_policy_and_bad_parameters_are_bundle_errors():
+    from edge2dexit.errors import BundleError
+
+    heads = {"sentence": identity_heads("sentence", 4)}
+    with pytest.raises(BundleError, match="unknown policy"):
+        make_policy("fastest", heads, 4, {})
+    with pytest.raises(BundleError, match="bad parameters"):
+        make_policy("sentence", heads, 4, {"tau": 1})
+    with pytest.raises(BundleError, match="prefix"):
+        make_policy("ours", heads, 4, {"depth": 2, "threshold": 0.5})

@@ -310,3 +310,25 @@ class Context:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- quantization --------------------------------------------------------------------------------------
+
+QUANT_TYPES = {"f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+               "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+
+
+def quantize(source: str | Path, destination: str | Path, kind: str, n_threads: int | None = None) -> None:
+    """Re-quantize a GGUF with llama.cpp's own quantizer (already-quantized input allowed)."""
+    if kind not in QUANT_TYPES:
+        raise ModelError(f"unknown quantization {kind!r}; choose one of {', '.join(QUANT_TYPES)} (or keep)")
+    # LLAMA_API uint32_t llama_model_quantize(const char * fname_inp, const char * fname_out,
+    #                                         const llama_model_quantize_params * params);
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[kind]
+    params.allow_requantize = True
+    params.nthread = n_threads or 0
+    _recent_errors.clear()
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(destination).encode(), ctypes.byref(params))
+    if status != 0:
+        raise ModelError(f"llama.cpp could not quantize {source} to {kind}: {_last_llama_error()}")

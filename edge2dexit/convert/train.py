@@ -1,0 +1,202 @@
+"""Training the exit heads on stored features: one small classifier per layer and pooling, exported as numpy
+`ExitHeads` that the runtime evaluates without torch.
+
+Two poolings, matching what the runtime reads (NOTES.md §1, §6):
+- "sentence": one sentence's mean state, labelled with its document's label (the paper's adapter target);
+- "prefix": the running mean of the first k sentence means, for every k (what the `ours` policy reads as the
+  text streams in; NOTES.md §6 found evidence accumulated in embedding space beats summed sentence votes).
+
+Each layer's head is trained on its own: inputs standardised with the training set's mean and std (residual
+streams reach norms of 35,000 in Gemma), a class-weighted cross-entropy so an unbalanced set does not buy
+accuracy with the majority class, AdamW, and early stopping on a validation split *by document* (sentences of
+one review are near-duplicates of each other in label evidence; splitting by sentence would leak). Every
+layer starts from the same seed, so a layer's head does not depend on which other layers were trained.
+
+This is the only module of the package that imports torch; only the converter imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..heads import ExitHead, ExitHeads
+from ..keys import HEAD_LINEARS
+from ..policies import PREFIX, SENTENCE
+from .features import FeatureStore
+
+POOLINGS = (SENTENCE, PREFIX)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    kind: str = "mlp"  # "mlp": the paper's adapter Linear(d→hidden) + ReLU + Linear(hidden→C); or "linear"
+    hidden: int = 256
+    epochs: int = 60  # at most; early stopping usually ends sooner
+    batch: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 6  # epochs without a better validation loss before stopping
+    validation_fraction: float = 0.15  # of the documents of each class
+    seed: int = 0
+    layers: tuple[int, ...] | None = None  # None: every layer
+    threads: int | None = None  # torch intra-op threads; None leaves torch's setting alone
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_LINEARS:
+            raise ValueError(f"unknown head kind {self.kind!r}; expected one of {', '.join(HEAD_LINEARS)}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {self.validation_fraction}")
+        if min(self.hidden, self.epochs, self.batch, self.patience) < 1:
+            raise ValueError("hidden, epochs, batch and patience must all be at least 1")
+
+
+def inputs(
+    store: FeatureStore, pooling: str, layer: int, docs: Sequence[int] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The examples of one layer for the documents `docs`, in document then sentence order:
+    (X [n, n_embd] float32, y [n] labels, doc_index [n] store index of each example's document).
+
+    Both poolings give one example per sentence: for "prefix", the example at sentence k of a document is the
+    mean of that document's sentence means 0..k, the value the runtime's running sum divided by k + 1 gives.
+    """
+    if pooling not in POOLINGS:
+        raise InputError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    docs = np.asarray(docs, dtype=np.int64)
+    starts, counts = store.offsets[docs], np.diff(store.offsets)[docs]
+    first = np.repeat(np.cumsum(counts) - counts, counts)  # position of each example's first sentence in X
+    within = np.arange(counts.sum()) - first  # sentence index inside its document
+    rows = np.repeat(starts, counts) + within
+    x = np.asarray(store.states[rows, layer], dtype=np.float32)
+    doc_index = np.repeat(docs, counts)
+    if pooling == PREFIX:
+        # float64 running sums: one cumsum over all documents, minus the sum before each document's start
+        total = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(x, axis=0, dtype=np.float64)])
+        x = ((total[1:] - total[first]) / (within + 1)[:, None]).astype(np.float32)
+    return x, store.labels[doc_index], doc_index
+
+
+def train_heads(
+    store: FeatureStore, label_names: Sequence[str], pooling: str, settings: TrainSettings = TrainSettings()
+) -> tuple[ExitHeads, dict[int, dict[str, float | int]]]:
+    """Train one head per layer and return them with a report: for each layer its number of training
+    examples, validation accuracy over all examples and over each document's last example (the whole text for
+    "prefix", the last sentence for "sentence"), the best validation loss, the epochs run and kept, and
+    `export_error`: the largest difference between the exported numpy head's and the torch model's
+    validation probabilities."""
+    n_classes = len(label_names)
+    labels = np.asarray(store.labels)
+    if store.done < store.n_docs:
+        raise InputError(f"{store.directory} holds features of {store.done} of {store.n_docs} documents; "
+                         "finish the extraction first")
+    if labels.size == 0 or labels.min() < 0 or labels.max() >= n_classes:
+        raise InputError(f"{store.directory}: labels must be class indices in 0..{n_classes - 1} "
+                         f"({', '.join(label_names)})")
+    if len(np.unique(labels)) < 2:
+        raise InputError(f"{store.directory}: every document has the label {label_names[labels[0]]!r}; "
+                         "training needs at least two classes")
+    layers = range(store.n_layer) if settings.layers is None else settings.layers
+    if any(not 0 <= layer < store.n_layer for layer in layers):
+        raise InputError(f"exit layers must lie in 0..{store.n_layer - 1}, got {list(layers)}")
+    train_docs, val_docs = split_documents(labels, settings.validation_fraction, settings.seed)
+    if len(val_docs) == 0:
+        raise InputError(f"{store.directory}: {store.n_docs} documents are too few to set some aside for validation")
+
+    previous_threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        heads, report = {}, {}
+        for layer in layers:
+            heads[layer], report[layer] = _train_layer(store, pooling, layer, train_docs, val_docs, n_classes,
+                                                       settings)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return ExitHeads(pooling, tuple(label_names), heads), report
+
+
+def split_documents(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) document indices, sorted: `fraction` of each class's documents (at least one
+    of each class with two or more) go to validation, so a small set still validates every class."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        docs = rng.permutation(np.flatnonzero(labels == c))
+        val.append(docs[: min(max(1, round(fraction * len(docs))), len(docs) - 1)])
+    val = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def head_module(n_embd: int, n_classes: int, settings: TrainSettings) -> nn.Sequential:
+    """The torch twin of an `ExitHead` of `settings.kind` (it reads standardised inputs)."""
+    if settings.kind == "linear":
+        return nn.Sequential(nn.Linear(n_embd, n_classes))
+    return nn.Sequential(nn.Linear(n_embd, settings.hidden), nn.ReLU(), nn.Linear(settings.hidden, n_classes))
+
+
+def export_head(module: nn.Sequential, layer: int, kind: str, mean: np.ndarray, scale: np.ndarray) -> ExitHead:
+    """The numpy `ExitHead` computing what `module` computes on inputs standardised by (mean, scale)."""
+    weights = tuple((m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy())
+                    for m in module if isinstance(m, nn.Linear))
+    return ExitHead(layer, kind, mean, scale, weights)
+
+
+def _train_layer(
+    store: FeatureStore, pooling: str, layer: int, train_docs: np.ndarray, val_docs: np.ndarray, n_classes: int,
+    settings: TrainSettings,
+) -> tuple[ExitHead, dict[str, float | int]]:
+    x, y, _ = inputs(store, pooling, layer, train_docs)
+    x_val, y_val, doc_val = inputs(store, pooling, layer, val_docs)
+    if not (np.isfinite(x).all() and np.isfinite(x_val).all()):
+        raise InputError(f"{store.directory}: layer {layer} holds non-finite states (float16 overflow?)")
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    scale = (x.std(axis=0, dtype=np.float64) + 1e-6).astype(np.float32)
+    # standardised exactly as ExitHead.proba does it, in float32, so the exported head matches the trained one
+    x_t = torch.from_numpy((x - mean) / scale)
+    x_val_t = torch.from_numpy((x_val - mean) / scale)
+    y_t, y_val_t = torch.from_numpy(y.astype(np.int64)), torch.from_numpy(y_val.astype(np.int64))
+
+    counts = np.bincount(y, minlength=n_classes)
+    weight = np.where(counts > 0, len(y) / (np.count_nonzero(counts) * np.maximum(counts, 1)), 0.0)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32))
+
+    torch.manual_seed(settings.seed)
+    module = head_module(x.shape[1], n_classes, settings)
+    optimiser = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    order = torch.Generator().manual_seed(settings.seed)
+    best_loss, best_state, best_epoch, epoch = math.inf, None, 0, 0
+    for epoch in range(1, settings.epochs + 1):
+        for batch in torch.randperm(len(y_t), generator=order).split(settings.batch):
+            optimiser.zero_grad()
+            loss_fn(module(x_t[batch]), y_t[batch]).backward()
+            optimiser.step()
+        with torch.no_grad():
+            val_loss = loss_fn(module(x_val_t), y_val_t).item()
+        if val_loss < best_loss:
+            best_loss, best_state, best_epoch = val_loss, copy.deepcopy(module.state_dict()), epoch
+        elif epoch - best_epoch >= settings.patience:
+            break
+    module.load_state_dict(best_state)
+
+    head = export_head(module, layer, settings.kind, mean, scale)
+    with torch.no_grad():
+        p_val = torch.softmax(module(x_val_t), dim=1).numpy()
+    predicted = p_val.argmax(axis=1)
+    last = np.r_[doc_val[1:] != doc_val[:-1], True]  # each validation document's last example
+    return head, {
+        "train_examples": len(y),
+        "val_accuracy": float(np.mean(predicted == y_val)),
+        "val_accuracy_last": float(np.mean(predicted[last] == y_val[last])),
+        "val_loss": best_loss,
+        "epochs": epoch,
+        "best_epoch": best_epoch,
+        # what the runtime will compute, against what was trained: a wrong export shows here, not in a bundle
+        "export_error": float(np.abs(head.proba(x_val) - p_val).max()),
+    }

@@ -1,0 +1,158 @@
+"""End to end on the real SmolLM2: a tiny convert (a few dozen documents) → a bundle that loads, round-trips,
+classifies with every policy with costs that match what llama.cpp computed, streams, and refuses misuse
+with one clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edge2dexit import Classifier
+from edge2dexit.bundle import load_bundle, write_exits
+from edge2dexit.cli import app
+from edge2dexit.convert.pipeline import ConvertSettings, convert
+from edge2dexit.convert.train import TrainSettings
+from edge2dexit.engine import EngineSettings
+from edge2dexit.policies import POLICIES
+
+GOOD = ["I loved every minute of it.", "The acting was superb.", "A wonderful, moving story.", "Great fun from start to end."]
+BAD = ["I hated every minute of it.", "The acting was dreadful.", "A boring, pointless story.", "A waste of time and money."]
+NEUTRAL = ["The film runs two hours.", "It was shown on a Tuesday.", "The cinema was half full."]
+
+
+def synthetic_reviews(path, n_per_class=12, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "sentiment"])
+        for label, pool in (("pos", GOOD), ("neg", BAD)):
+            for _ in range(n_per_class):
+                sentences = rng.sample(NEUTRAL, 1) + rng.sample(pool, 2)
+                w.writerow([" ".join(sentences), label])
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, smollm2_path):
+    root = tmp_path_factory.mktemp("convert")
+    data = root / "reviews.csv"
+    synthetic_reviews(data)
+    settings = ConvertSettings(
+        model=smollm2_path, data=str(data), out=root / "bundle", text_column="review", label_column="sentiment",
+        per_class=None, splitter="regex", n_ctx=512,
+        head=TrainSettings(kind="linear", epochs=30, seed=0), tolerance=0.05,
+    )
+    report = convert(settings)
+    return report
+
+
+def test_convert_writes_a_loadable_bundle(tiny_bundle):
+    bundle = load_bundle(tiny_bundle.bundle)
+    assert bundle.labels == ("neg", "pos")
+    assert set(bundle.policies) == set(POLICIES) and bundle.default_policy in POLICIES
+    assert set(bundle.heads) == {"sentence", "prefix"} and len(bundle.heads["prefix"].layers) == 30
+    assert bundle.base.architecture == "llama" and bundle.base.n_layer == 30
+    card = (tiny_bundle.bundle / "README.md").read_text()
+    assert "Test split" in card and "paper2d" in card
+    assert set(tiny_bundle.test) == set(POLICIES)
+
+
+def test_exits_round_trip_every_key_and_tensor(tiny_bundle, tmp_path):
+    bundle = load_bundle(tiny_bundle.bundle)
+    copy = load_bundle(write_exits(bundle, tmp_path / "exits.gguf", half=False))
+    assert (copy.labels, copy.task_prompt, copy.splitter, copy.policies, copy.calibration) == (
+        bundle.labels, bundle.task_prompt, bundle.splitter, bundle.policies, bundle.calibration)
+    for pooling, heads in bundle.heads.items():
+        for layer in heads.layers:
+            a, b = heads.head(layer), copy.heads[pooling].head(layer)
+            for (wa, ba), (wb, bb) in zip(a.weights, b.weights):
+                assert np.array_equal(wa, wb) and np.array_equal(ba, bb)
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_bundle):
+    with Classifier(tiny_bundle.bundle, settings=EngineSettings(n_ctx=512)) as clf:
+        yield clf
+
+
+TEXT = "The film runs two hours. I loved every minute of it. The acting was superb. A wonderful, moving story."
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_reports_what_llama_cpp_computed(classifier, policy, monkeypatch):
+    computed = []
+    decode = classifier.engine.context.decode
+
+    def counting(tokens, start, depth, layers, on_layer=None):
+        out = decode(tokens, start, depth, layers, on_layer)
+        computed.append((len(tokens), out.depth))
+        return out
+
+    monkeypatch.setattr(classifier.engine.context, "decode", counting)
+    result = classifier.classify(TEXT, policy=policy)
+    assert result.token_layers == sum(n * d for n, d in computed)
+    assert result.label in ("neg", "pos") and abs(sum(result.scores.values()) - 1) < 1e-6
+    assert 1 <= result.sentences_read <= result.sentences_total == 4
+    assert result.operations <= result.sentences_total * 30
+    assert result.as_pipeline()[0]["label"] == result.label
+
+
+def test_full_gives_the_same_label_sentence_by_sentence_as_in_one_pass(classifier):
+    one_pass = classifier.classify(TEXT, policy="full")
+    doc = classifier.engine.document()
+    tokens = classifier.engine.tokenize_sentences(classifier.bundle.splitter.split(TEXT))
+    states = [doc.append([t], 30, layers=[29])[0] for t in tokens]
+    p = classifier.bundle.heads["sentence"].proba(29, states[-1].at(29))
+    assert classifier.labels[int(np.argmax(p))] == one_pass.label
+    np.testing.assert_allclose(p, [one_pass.scores[k] for k in classifier.labels], atol=0.02)
+
+
+def test_stream_decides_like_classify(classifier):
+    with classifier.stream("ours") as stream:
+        result = None
+        for sentence in classifier.bundle.splitter.split(TEXT):
+            result = stream.feed(sentence)
+            if result is not None:
+                break
+        result = result or stream.finish()
+    assert result.label == classifier.classify(TEXT, policy="ours").label
+
+
+def test_cli_classify_json_and_exit_codes(tiny_bundle, tmp_path, gemma_path):
+    runner = CliRunner()
+    review = tmp_path / "review.txt"
+    review.write_text(TEXT)
+    ok = runner.invoke(app, ["classify", str(review), "--bundle", str(tiny_bundle.bundle), "--json", "--n-ctx", "512"])
+    assert ok.exit_code == 0, ok.output
+    row = json.loads(ok.stdout.splitlines()[0])
+    assert row["label"] in ("neg", "pos") and row["input"] == str(review)
+
+    empty, binary = tmp_path / "empty.txt", tmp_path / "blob.bin"
+    empty.write_text("  \n")
+    binary.write_bytes(b"\x00\x01\x02binary")
+    for bad, words in ((empty, "empty"), (binary, "binary")):
+        res = runner.invoke(app, ["classify", str(bad), "--bundle", str(tiny_bundle.bundle), "--n-ctx", "512"])
+        assert res.exit_code == 3 and words in res.stderr and "Traceback" not in res.output
+
+    other = runner.invoke(app, ["classify", str(review), "--bundle", str(tiny_bundle.bundle), "--model", gemma_path])
+    assert other.exit_code == 5 and "bundle was built for llama" in other.stderr
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_bundle.bundle, cut)
+    exits = cut / "exits.gguf"
+    exits.write_bytes(exits.read_bytes()[:-100])
+    res = runner.invoke(app, ["classify", str(review), "--bundle", str(cut)])
+    assert res.exit_code == 5 and "truncated" in res.stderr
+
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(["The film runs two hours."] * 200))
+    res = runner.invoke(app, ["classify", str(long), "--bundle", str(tiny_bundle.bundle), "--n-ctx", "256"])
+    assert res.exit_code == 6 and "--truncate" in res.stderr
+    res = runner.invoke(app, ["classify", str(long), "--bundle", str(tiny_bundle.bundle), "--n-ctx", "256",
+                              "--truncate", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["truncated"] is True

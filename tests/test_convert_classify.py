@@ -156,3 +156,20 @@ def test_cli_classify_json_and_exit_codes(tiny_bundle, tmp_path, gemma_path):
     res = runner.invoke(app, ["classify", str(long), "--bundle", str(tiny_bundle.bundle), "--n-ctx", "256",
                               "--truncate", "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["truncated"] is True
+
+
+def test_eval_structure_oracle_and_consistency(classifier):
+    from edge2dexit.evaluate import evaluate
+
+    texts = [TEXT, "The cinema was half full. The acting was dreadful. A boring, pointless story.",
+             "It was shown on a Tuesday. A waste of time and money. I hated every minute of it."]
+    labels = [1, 0, 0]
+    ev = evaluate(classifier, texts, labels)
+    assert set(ev.scores) == set(POLICIES) and ev.n_docs == 3
+    for score in ev.scores.values():
+        assert score.accuracy == pytest.approx(np.mean(np.array(score.predictions) == labels))
+        assert ev.oracle_token_layers <= score.token_layers
+        assert len(score.costs) == 3 and score.seconds > 0
+    assert ev.scores["full"].token_layers == pytest.approx(ev.full_token_layers)
+    table = ev.table()
+    assert "oracle" in table and "Table 2, T = 2%" in table and "docs/s" in table

@@ -131,3 +131,36 @@ def convert(
         n_ctx=n_ctx, threads=threads, work=work,
     )
     typer.echo(run_convert(settings).summary())
+
+
+@app.command("eval")
+@friendly
+def evaluate_command(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle (default: the built-in one)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set (default: the one the bundle was built from)."),
+    split: str = typer.Option("test", "--split", help="train, calibration or test (the bundle's own splits)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N documents of the split."),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policies (default: all)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the bundle's)."),
+    n_ctx: int = N_CTX,
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Every policy live on llama.cpp over one split: accuracy, operations, token-layers, wall-clock, oracle."""
+    from ..classifier import Classifier
+    from ..convert.pipeline import ConvertSettings, make_splits
+    from ..evaluate import evaluate
+    from ..policies import POLICIES
+    from ..sentences import SentenceSplitter
+
+    with Classifier(bundle, model=model, settings=EngineSettings(n_ctx=n_ctx, n_threads=threads), truncate=True) as clf:
+        recorded = dict(clf.bundle.calibration.get("data", {}))
+        if data:
+            recorded["data"] = data
+        if "data" not in recorded:
+            raise Edge2DExitError("this bundle does not say which data it was built from: pass --data")
+        recorded["fractions"] = tuple(recorded.get("fractions", (0.5, 0.25, 0.25)))
+        settings = ConvertSettings(model="", out=Path("."), **recorded)
+        part = getattr(make_splits(settings, SentenceSplitter(settings.splitter, settings.language)), split)
+        texts, labels = part.texts[:limit], part.labels[:limit]
+        names = tuple(policies.split(",")) if policies else POLICIES
+        typer.echo(evaluate(clf, texts, labels, names).table())

@@ -150,7 +150,7 @@ def convert(settings: ConvertSettings) -> ConvertReport:
         heads=heads,
         policies={name: _plain(point.params) for name, point in calibration.chosen.items()},
         default_policy=default,
-        calibration=_plain(calibration.to_json()),
+        calibration=_plain({**calibration.to_json(), "data": data_settings(settings)}),
         head_kind=settings.head.kind,
         head_hidden=settings.head.hidden if settings.head.kind == "mlp" else 0,
     )
@@ -158,6 +158,15 @@ def convert(settings: ConvertSettings) -> ConvertReport:
     report = ConvertReport(out, splits.describe(), calibration, test, layer_acc, timings)
     (out / MODEL_CARD).write_text(model_card(settings, bundle, report))
     return report
+
+
+DATA_FIELDS = ("data", "text_column", "label_column", "per_class", "min_sentences", "fractions", "seed", "splitter",
+               "language")
+
+
+def data_settings(settings: ConvertSettings) -> dict[str, Any]:
+    """What reproduces the splits (kept in the bundle so that `eval` can find the untouched test split)."""
+    return {k: getattr(settings, k) for k in DATA_FIELDS}
 
 
 def _plain(value: Any) -> Any:

@@ -4,9 +4,9 @@ Every policy drives the same `engine.Document` and returns a `Decision`; the doc
 really computed (token-layers, and the paper's operations), so costs are never estimated here.
 
 - `full`: the whole text in one decode at full depth; the last layer's sentence head on the last sentence.
-- `layer`: the whole text in one decode; the sentence head on the last sentence either at a fixed calibrated
-  layer (the paper's layer-wise baseline), or at the first layer whose margin clears a threshold (the decode
-  stops inside the graph right there).
+- `layer`: the whole text in one decode; the sentence head on the last sentence (the paper's layer-wise
+  baseline) or the prefix head on the mean of all sentences (`pooling="prefix"`), either at a fixed calibrated
+  layer, or at the first layer whose margin clears a threshold (the decode stops inside the graph there).
 - `sentence`: sentence by sentence at full depth, the paper's accumulation rule on the last layer's head.
 - `paper2d`: Algorithm 1 of arXiv 2604.18592 exactly (Δ = max(1, ⌊L/m⌋), τ_ignore, τ_acc, accumulation in
   the paper's cell order, fallback to the last sentence at the last layer). Deepening earlier sentences means
@@ -149,23 +149,37 @@ class Full(Policy):
 class Layer(Policy):
     name = "layer"
 
-    def __init__(self, heads: ExitHeads, n_layer: int, layer: int | None = None, threshold: float | None = None):
+    def __init__(
+        self,
+        heads: Mapping[str, ExitHeads],
+        n_layer: int,
+        layer: int | None = None,
+        threshold: float | None = None,
+        pooling: str = SENTENCE,
+    ):
         if (layer is None) == (threshold is None):
             raise BundleError("the layer policy takes either a fixed `layer` or a margin `threshold`, not both")
-        self.heads, self.n_layer, self.layer, self.threshold = heads, n_layer, layer, threshold
+        if pooling not in heads:
+            raise BundleError(f"the layer policy needs {pooling} exit heads, which this bundle does not have")
+        self.heads, self.n_layer, self.layer, self.threshold = heads[pooling], n_layer, layer, threshold
+        self.pooling = pooling
         if layer is not None:
-            heads.head(layer)
+            self.heads.head(layer)
+
+    def _text_input(self, means: np.ndarray) -> np.ndarray:
+        """The paper's input: the last sentence's mean; or, pooled, the mean over all sentences."""
+        return means[-1] if self.pooling == SENTENCE else means.mean(axis=0)
 
     def run(self, doc: Document, sentences: Sequence[Tokens]) -> Decision:
         last = len(sentences) - 1
         if self.layer is not None:
             states = doc.append(sentences, self.layer + 1, layers=[self.layer])
-            p = self.heads.proba(self.layer, states[-1].at(self.layer))
+            p = self.heads.proba(self.layer, self._text_input(np.stack([s.at(self.layer) for s in states])))
             return Decision(p, last, self.layer, len(sentences), fired=True)
         seen: list[tuple[int, np.ndarray]] = []
 
         def confident(layer: int, means: np.ndarray) -> bool:
-            seen.append((layer, self.heads.proba(layer, means[-1])))
+            seen.append((layer, self.heads.proba(layer, self._text_input(means))))
             return float(margin(seen[-1][1])) >= self.threshold
 
         doc.append(sentences, self.n_layer, layers=self.heads.layers, stop=confident)
@@ -282,10 +296,20 @@ class _OursStream(PolicyStream):
         self.layer = policy.depth - 1
         self.total = np.zeros(policy.heads.n_embd, dtype=np.float64)
         self.p: np.ndarray | None = None
+        self.pending: list[Tokens] = []
 
     def feed(self, sentence: Tokens) -> Decision | None:
-        (states,) = self.doc.append([sentence], self.policy.depth, layers=[self.layer])
-        self.total += states.at(self.layer)
+        # No decision can come before min_sentences: read those in one decode (one llama.cpp call costs
+        # ~10 ms on top of its compute), then one decode per sentence.
+        self.pending.append(sentence)
+        if self.doc.n_sentences + len(self.pending) < self.policy.min_sentences:
+            return None
+        return self._read()
+
+    def _read(self) -> Decision | None:
+        states = self.doc.append(self.pending, self.policy.depth, layers=[self.layer])
+        self.pending = []
+        self.total += np.sum([s.at(self.layer) for s in states], axis=0)
         n = self.doc.n_sentences
         self.p = self.policy.heads.proba(self.layer, (self.total / n).astype(np.float32))
         if n >= self.policy.min_sentences and float(margin(self.p)) >= self.policy.threshold:
@@ -293,14 +317,17 @@ class _OursStream(PolicyStream):
         return None
 
     def finish(self) -> Decision:
+        if self.pending:  # a text shorter than min_sentences
+            decision = self._read()
+            if decision is not None:
+                return decision
         n, policy = self.doc.n_sentences, self.policy
         if policy.deepen_depth is not None and float(margin(self.p)) < policy.deepen_below:
             layer = policy.deepen_depth - 1
-            states = policy_states = self.doc.deepen(policy.deepen_depth, layers=[layer])
-            prefix = np.mean([s.at(layer) for s in policy_states], axis=0) if states else None
-            if prefix is not None and len(states) == n:
-                p = policy.heads.proba(layer, prefix.astype(np.float32))
-                return Decision(p, n - 1, layer, n, fired=False)
+            states = self.doc.deepen(policy.deepen_depth, layers=[layer])
+            if len(states) == n:  # every sentence was re-read at the deeper layer
+                prefix = np.mean([s.at(layer) for s in states], axis=0).astype(np.float32)
+                return Decision(policy.heads.proba(layer, prefix), n - 1, layer, n, fired=False)
         return Decision(self.p, n - 1, self.layer, n, fired=False)
 
 
@@ -310,7 +337,7 @@ def make_policy(name: str, heads: Mapping[str, ExitHeads], n_layer: int, params:
         if name == "full":
             return Full(heads[SENTENCE], n_layer)
         if name == "layer":
-            return Layer(heads[SENTENCE], n_layer, **params)
+            return Layer(heads, n_layer, **params)
         if name == "sentence":
             return Sentence(heads[SENTENCE], n_layer, **params)
         if name == "paper2d":

@@ -99,6 +99,10 @@ def test_layer_policy_fixed_and_confident():
     confident, doc = run("layer", grid(*m), [2, 2], threshold=0.7)  # the last sentence decides
     assert confident.exit_layer == 2 and confident.label_index == 0 and doc.token_layers == 4 * 3
     assert doc.decode_calls == 1
+    pooled, doc = run("layer", grid(*m), [2, 2], layer=1, pooling="prefix")  # mean of both sentences
+    P = grid(*m)[:, 1]
+    want = np.sqrt(P[0] * P[1])
+    np.testing.assert_allclose(pooled.probabilities, want / want.sum(), rtol=1e-5)
 
 
 def test_full_policy_reads_everything_once():

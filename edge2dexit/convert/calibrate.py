@@ -106,7 +106,7 @@ def grid(policy: str, n_layer: int, layers_by_pooling: Mapping[str, Iterable[int
     if policy == "full":
         return [{}]
     if policy == "layer":
-        return [{"layer": layer} for layer in layers_by_pooling[SENTENCE]]
+        return [{"layer": layer, "pooling": pooling} for pooling in (SENTENCE, PREFIX) for layer in layers_by_pooling[pooling]]
     if policy == "ours":
         depths = [layer + 1 for layer in layers_by_pooling[PREFIX]]
         return [

@@ -32,6 +32,7 @@ class PolicyScore:
     seconds: float  # total wall time
     predictions: list[int] = field(repr=False)
     costs: list[int] = field(repr=False)  # token-layers per document
+    exits: list[tuple[int, int, int]] = field(repr=False)  # (exit sentence, exit layer, sentences) per document
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Evaluation:
     oracle_accuracy: float
     oracle_token_layers: float
     full_token_layers: float
+    prefix_grid: np.ndarray  # [sentences read, layer]: accuracy of the prefix head (documents that long)
 
     def table(self) -> str:
         full = self.scores["full"]
@@ -90,13 +92,15 @@ def evaluate(clf: Classifier, texts: Sequence[str], labels: Sequence[int], polic
     runners = {name: clf.make_policy(name) for name in policies}
     if "full" not in runners:
         runners = {"full": clf.make_policy("full"), **runners}
-    records = {name: ([], [], [], 0.0) for name in runners}
+    records = {name: ([], [], [], [], 0.0) for name in runners}
     documents = [engine.tokenize_sentences(bundle.splitter.split(t)) for t in texts]
     plain = Context(engine.model, ContextSettings(engine.context.n_ctx, engine.context.settings.n_threads, tap=False))
     n_prompt = len(engine.prompt_tokens)
     plain.decode(engine.prompt_tokens, 0, n_layer, ())
     plain_seconds = 0.0
     layer_hits = {pooling: np.zeros(n_layer) for pooling in bundle.heads}
+    longest = max(len(d) for d in documents)
+    grid_hits, grid_docs = np.zeros((longest, n_layer)), np.zeros(longest)
     oracle_hits, oracle_costs = 0, []
     try:
         for i, tokens in enumerate(documents):
@@ -109,33 +113,38 @@ def evaluate(clf: Classifier, texts: Sequence[str], labels: Sequence[int], polic
                 doc = engine.document()
                 decision = runner.run(doc, tokens)
                 elapsed = time.perf_counter() - start
-                preds, costs, ops, secs = records[name]
+                preds, costs, ops, exits, secs = records[name]
                 preds.append(decision.label_index)
                 costs.append(doc.token_layers)
                 ops.append(doc.operations)
-                records[name] = (preds, costs, ops, secs + elapsed)
-            hit, cost = _layers_and_oracle(clf, tokens, int(truth[i]), layer_hits)
+                exits.append((decision.exit_sentence, decision.exit_layer, len(tokens)))
+                records[name] = (preds, costs, ops, exits, secs + elapsed)
+            hit, cost = _layers_and_oracle(clf, tokens, int(truth[i]), layer_hits, grid_hits)
+            grid_docs[: len(tokens)] += 1
             oracle_hits += hit
             oracle_costs.append(cost)
     finally:
         plain.close()
     scores = {}
-    for name, (preds, costs, ops, secs) in records.items():
+    for name, (preds, costs, ops, exits, secs) in records.items():
         scores[name] = PolicyScore(
             name, float(np.mean(np.array(preds) == truth)), macro_f1(truth, preds, len(bundle.labels)),
-            float(np.mean(costs)), float(np.mean(ops)), secs, preds, costs,
+            float(np.mean(costs)), float(np.mean(ops)), secs, preds, costs, exits,
         )
     n_tokens = [sum(map(len, d)) for d in documents]
     return Evaluation(
         len(texts), n_layer, tuple(bundle.labels), scores, plain_seconds,
         {k: (v / len(texts)).round(4).tolist() for k, v in layer_hits.items()},
         oracle_hits / len(texts), float(np.mean(oracle_costs)), float(np.mean(n_tokens)) * n_layer,
+        grid_hits / grid_docs[:, None],
     )
 
 
-def _layers_and_oracle(clf: Classifier, tokens: list[list[int]], label: int, layer_hits: dict) -> tuple[int, int]:
-    """One full-depth read, sentence by sentence, every layer: per-layer whole-text accuracy, and the oracle's
-    cheapest correct cell (tokens read × depth) for this document."""
+def _layers_and_oracle(
+    clf: Classifier, tokens: list[list[int]], label: int, layer_hits: dict, grid_hits: np.ndarray
+) -> tuple[int, int]:
+    """One full-depth read, sentence by sentence, every layer: per-layer whole-text accuracy, the prefix head's
+    hits per (sentences read, layer), and the oracle's cheapest correct cell (tokens × depth) for this document."""
     engine, heads = clf.engine, clf.bundle.heads
     doc = engine.document()
     states = np.stack([doc.append([t], engine.n_layer)[0].mean for t in tokens])  # [m, L, d]
@@ -148,6 +157,8 @@ def _layers_and_oracle(clf: Classifier, tokens: list[list[int]], label: int, lay
         for layer in heads[pooling].layers:
             answers = heads[pooling].proba(layer, inputs[:, layer]).argmax(-1)
             layer_hits[pooling][layer] += answers[-1] == label
+            if pooling == PREFIX:
+                grid_hits[: len(tokens), layer] += answers == label
             for k in np.flatnonzero(answers == label):
                 cost = int(read[k]) * (layer + 1)
                 best = cost if best is None else min(best, cost)

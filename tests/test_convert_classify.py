@@ -158,8 +158,9 @@ def test_cli_classify_json_and_exit_codes(tiny_bundle, tmp_path, gemma_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["truncated"] is True
 
 
-def test_eval_structure_oracle_and_consistency(classifier):
+def test_eval_structure_oracle_and_consistency(classifier, tmp_path):
     from edge2dexit.evaluate import evaluate
+    from edge2dexit.figures import write_figures
 
     texts = [TEXT, "The cinema was half full. The acting was dreadful. A boring, pointless story.",
              "It was shown on a Tuesday. A waste of time and money. I hated every minute of it."]
@@ -173,3 +174,40 @@ def test_eval_structure_oracle_and_consistency(classifier):
     assert ev.scores["full"].token_layers == pytest.approx(ev.full_token_layers)
     table = ev.table()
     assert "oracle" in table and "Table 2, T = 2%" in table and "docs/s" in table
+    assert ev.prefix_grid.shape == (4, 30) and ((0 <= ev.prefix_grid) & (ev.prefix_grid <= 1)).all()
+    figures = write_figures(ev, classifier.bundle.calibration, tmp_path)
+    assert [f.name for f in figures] == ["accuracy_sentence_layer.png", "frontier.png", "exits.png"]
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for f in figures)
+
+
+def test_bundle_classifies_where_torch_cannot_be_imported(tiny_bundle):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "from edge2dexit import Classifier, EngineSettings\n"
+        f"with Classifier({str(tiny_bundle.bundle)!r}, settings=EngineSettings(n_ctx=512)) as clf:\n"
+        f"    print(clf.classify({TEXT!r}).label)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() in ("neg", "pos")
+
+
+def test_quantize_produces_a_loadable_model(smollm2_path, tmp_path):
+    from edge2dexit.engine import Engine
+    from edge2dexit.errors import ModelError
+    from edge2dexit.files import check_gguf
+    from edge2dexit.llama import quantize
+
+    out = tmp_path / "q4_0.gguf"
+    quantize(smollm2_path, out, "q4_0", n_threads=2)
+    check_gguf(out)
+    with Engine(out, EngineSettings(n_ctx=256)) as engine:
+        assert (engine.architecture, engine.n_layer, engine.n_embd) == ("llama", 30, 576)
+        doc = engine.document()
+        (states,) = doc.append(engine.tokenize_sentences(["A fine film."]), 30, layers=[29])
+        assert np.isfinite(states.mean).all()
+    with pytest.raises(ModelError, match="unknown quantization"):
+        quantize(smollm2_path, tmp_path / "x.gguf", "q3_x")

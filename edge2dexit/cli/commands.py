@@ -143,6 +143,7 @@ def evaluate_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N documents of the split."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policies (default: all)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the bundle's)."),
+    figures: Optional[Path] = typer.Option(None, "--figures", help="Write PNG figures into this directory."),
     n_ctx: int = N_CTX,
     threads: Optional[int] = THREADS,
 ) -> None:
@@ -164,4 +165,10 @@ def evaluate_command(
         part = getattr(make_splits(settings, SentenceSplitter(settings.splitter, settings.language)), split)
         texts, labels = part.texts[:limit], part.labels[:limit]
         names = tuple(policies.split(",")) if policies else POLICIES
-        typer.echo(evaluate(clf, texts, labels, names).table())
+        result = evaluate(clf, texts, labels, names)
+        typer.echo(result.table())
+        if figures:
+            from ..figures import write_figures
+
+            for path in write_figures(result, clf.bundle.calibration, figures):
+                typer.echo(f"figure: {path}")

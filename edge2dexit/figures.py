@@ -1,0 +1,72 @@
+"""PNG figures of an evaluation: accuracy per (sentences read × layer) like the paper's Figure 1, each
+policy's accuracy/cost frontier, and where documents exit. matplotlib is imported here only (the `eval`
+extra); nothing else in the package needs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import InputError
+from .evaluate import Evaluation
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("figures need matplotlib: pip install 'edge2dexit[eval]'") from None
+    return plt
+
+
+def write_figures(ev: Evaluation, calibration: Mapping[str, Any], directory: str | Path) -> list[Path]:
+    plt = _pyplot()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    image = ax.imshow(ev.prefix_grid.T, origin="lower", aspect="auto", cmap="viridis",
+                      extent=(0.5, ev.prefix_grid.shape[0] + 0.5, -0.5, ev.n_layer - 0.5))
+    fig.colorbar(image, label="accuracy")
+    ax.set(xlabel="sentences read", ylabel="layer", title="Prefix-mean head accuracy per (sentences read, layer)")
+    written.append(_save(fig, directory / "accuracy_sentence_layer.png", plt))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in calibration.get("frontier", {}).items():
+        ax.plot([1 / p["cost"] for p in points], [p["accuracy"] for p in points], "o-", ms=3, label=f"{name} (calibration)")
+    full = ev.scores["full"].token_layers
+    for name, score in ev.scores.items():
+        ax.scatter(full / score.token_layers, score.accuracy, marker="*", s=120, zorder=3)
+        ax.annotate(name, (full / score.token_layers, score.accuracy), textcoords="offset points", xytext=(4, 4))
+    ax.scatter(ev.full_token_layers / ev.oracle_token_layers, ev.oracle_accuracy, marker="X", s=120, c="k")
+    ax.annotate("oracle", (ev.full_token_layers / ev.oracle_token_layers, ev.oracle_accuracy),
+                textcoords="offset points", xytext=(4, -10))
+    ax.set(xscale="log", xlabel="token-layer speed-up against full depth (log)", ylabel="accuracy",
+           title="Accuracy / cost: calibration frontiers (lines), test split (stars)")
+    ax.legend(fontsize=7)
+    written.append(_save(fig, directory / "frontier.png", plt))
+
+    names = list(ev.scores)
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), sharey=True)
+    for ax, name in zip(np.atleast_1d(axes), names):
+        exits = np.array(ev.scores[name].exits)
+        read = (exits[:, 0] + 1) / exits[:, 2]
+        ax.scatter(read, exits[:, 1], alpha=0.4, s=12)
+        ax.set(title=name, xlabel="share of sentences read", xlim=(0, 1.05), ylim=(-0.5, ev.n_layer - 0.5))
+    np.atleast_1d(axes)[0].set_ylabel("exit layer")
+    fig.suptitle("Where documents exit")
+    written.append(_save(fig, directory / "exits.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

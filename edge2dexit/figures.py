@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import InputError
 from .evaluate import Evaluation
+from .policies import POLICIES
 
 
 def _pyplot():
@@ -38,11 +39,13 @@ def write_figures(ev: Evaluation, calibration: Mapping[str, Any], directory: str
     written.append(_save(fig, directory / "accuracy_sentence_layer.png", plt))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    colour = dict(zip(POLICIES, plt.cm.tab10.colors))
     for name, points in calibration.get("frontier", {}).items():
-        ax.plot([1 / p["cost"] for p in points], [p["accuracy"] for p in points], "o-", ms=3, label=f"{name} (calibration)")
+        ax.plot([1 / p["cost"] for p in points], [p["accuracy"] for p in points], "o-", ms=3, c=colour.get(name),
+                label=f"{name} (calibration)")
     full = ev.scores["full"].token_layers
     for name, score in ev.scores.items():
-        ax.scatter(full / score.token_layers, score.accuracy, marker="*", s=120, zorder=3)
+        ax.scatter(full / score.token_layers, score.accuracy, marker="*", s=140, c=[colour.get(name)], zorder=3)
         ax.annotate(name, (full / score.token_layers, score.accuracy), textcoords="offset points", xytext=(4, 4))
     ax.scatter(ev.full_token_layers / ev.oracle_token_layers, ev.oracle_accuracy, marker="X", s=120, c="k")
     ax.annotate("oracle", (ev.full_token_layers / ev.oracle_token_layers, ev.oracle_accuracy),

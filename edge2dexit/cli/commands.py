@@ -101,7 +101,7 @@ def bench_engine(
 @app.command()
 @friendly
 def convert(
-    model: str = typer.Option(..., "--model", "-m", help="Base model: registry name or GGUF path."),
+    model: str = typer.Option(..., "--model", "-m", help="Base model: registry name, GGUF path, or HF checkpoint directory."),
     data: str = typer.Option(..., "--data", "-d", help="imdb, clothing, tweets, or a CSV / TSV / JSONL file."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write."),
     text_column: str = typer.Option("text", help="Text column of a data file."),

@@ -27,7 +27,8 @@ from ..policies import POLICIES, PREFIX, SENTENCE
 from ..sentences import SentenceSplitter
 from . import data as datasets
 from .calibrate import Calibration, Point, calibrate, layer_accuracies, replay
-from .features import FeatureStore, extract, open_store
+from .features import FeatureStore, extract
+from .hf import hf_to_gguf, is_hf_checkpoint
 from .train import TrainSettings, train_heads
 
 DEFAULT_PROMPT = "Classify the following text.\nText:"
@@ -38,7 +39,7 @@ COUNTING_POOL = 1000
 
 @dataclass(frozen=True)
 class ConvertSettings:
-    model: str  # registry name or GGUF path
+    model: str  # registry name, GGUF path, or a Hugging Face checkpoint directory
     data: str  # built-in set name (imdb, clothing, tweets) or a CSV / TSV / JSONL file
     out: Path
     text_column: str = "text"
@@ -108,12 +109,18 @@ def convert(settings: ConvertSettings) -> ConvertReport:
     splitter = SentenceSplitter(settings.splitter, settings.language)
     prompt = settings.prompt or (SENTIMENT_PROMPT if settings.data == "imdb" else DEFAULT_PROMPT)
 
-    source = resolve_model(settings.model)
-    model_path, registry_name = source, (identify(source).name if identify(source) else "")
+    if is_hf_checkpoint(settings.model):  # converted to f16, then re-quantized into the bundle if asked
+        source = hf_to_gguf(settings.model, out / (MODEL_FILE if settings.quant == "keep" else "model-f16.gguf"))
+    else:
+        source = resolve_model(settings.model)
+    known = identify(source)
+    model_path, registry_name = source, (known.name if known else "")
     if settings.quant != "keep":
         model_path = out / MODEL_FILE
         quantize(source, model_path, settings.quant, settings.threads)
         registry_name = ""
+        if source.parent == out:  # the f16 conversion was only a step
+            source.unlink()
     elif not registry_name:
         model_path = out / MODEL_FILE
         if source.resolve() != model_path.resolve():

@@ -27,10 +27,10 @@ class Timing:
     ideal: float | None = None  # depth / n_layer where that is the ideal ratio
 
 
-def _median_time(fn: Callable[[], object], rounds: list[list[float]], slot: int) -> None:
+def _time_once(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
-    rounds[slot].append(time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def engine_benchmark(model_path: str | Path, text: str, rounds: int = 7, n_threads: int | None = None) -> dict:
@@ -71,7 +71,7 @@ def engine_benchmark(model_path: str | Path, text: str, rounds: int = 7, n_threa
             fn()
         for _ in range(rounds):
             for slot, (_, fn, _) in enumerate(cases):
-                _median_time(fn, times, slot)
+                times[slot].append(_time_once(fn))
         plain.close()
     medians = [statistics.median(t) for t in times]
     full = medians[0]

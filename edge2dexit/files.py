@@ -26,6 +26,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from .errors import Edge2DExitError, ModelError
+from .keys import Keys
 from .paths import cache_dir
 
 _CHUNK = 1 << 20
@@ -136,7 +137,7 @@ def _tensor_extents(buf: mmap.mmap) -> list[tuple[str, int]]:
         key_end = _string_end(buf, offset)
         key = buf[offset + 8 : key_end].decode("utf-8")
         vtype = _U32.unpack_from(buf, key_end)[0]
-        if key == "general.alignment" and vtype == GGUFValueType.UINT32:
+        if key == Keys.General.ALIGNMENT and vtype == GGUFValueType.UINT32:
             alignment = _U32.unpack_from(buf, key_end + 4)[0]
         offset = _value_end(buf, key_end + 4, vtype)
     if alignment == 0 or alignment & (alignment - 1):

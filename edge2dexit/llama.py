@@ -26,6 +26,7 @@ import llama_cpp
 from llama_cpp._ggml import libggml
 
 from .errors import Edge2DExitError, ModelError
+from .keys import Keys
 
 
 # --- ggml structs and functions that llama_cpp does not bind -------------------------------------------
@@ -112,7 +113,7 @@ class Model:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_layer: int = llama_cpp.llama_model_n_layer(self._model)
         self.n_embd: int = llama_cpp.llama_model_n_embd(self._model)
-        self.architecture: str = self.metadata("general.architecture")
+        self.architecture: str = self.metadata(Keys.General.ARCHITECTURE)
 
     def metadata(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)

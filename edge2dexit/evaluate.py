@@ -47,6 +47,7 @@ class Evaluation:
     oracle_token_layers: float
     full_token_layers: float
     prefix_grid: np.ndarray  # [sentences read, layer]: accuracy of the prefix head (documents that long)
+    prefix_grid_docs: np.ndarray  # [sentences read]: how many documents have that many sentences
 
     def table(self) -> str:
         full = self.scores["full"]
@@ -136,7 +137,7 @@ def evaluate(clf: Classifier, texts: Sequence[str], labels: Sequence[int], polic
         len(texts), n_layer, tuple(bundle.labels), scores, plain_seconds,
         {k: (v / len(texts)).round(4).tolist() for k, v in layer_hits.items()},
         oracle_hits / len(texts), float(np.mean(oracle_costs)), float(np.mean(n_tokens)) * n_layer,
-        grid_hits / grid_docs[:, None],
+        grid_hits / grid_docs[:, None], grid_docs,
     )
 
 

@@ -14,6 +14,9 @@ from .evaluate import Evaluation
 from .policies import POLICIES
 
 
+MIN_DOCUMENTS = 10
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -32,10 +35,12 @@ def write_figures(ev: Evaluation, calibration: Mapping[str, Any], directory: str
     written = []
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    image = ax.imshow(ev.prefix_grid.T, origin="lower", aspect="auto", cmap="viridis",
-                      extent=(0.5, ev.prefix_grid.shape[0] + 0.5, -0.5, ev.n_layer - 0.5))
+    shown = max(1, int(np.sum(ev.prefix_grid_docs >= MIN_DOCUMENTS)))  # longer prefixes: too few documents
+    image = ax.imshow(ev.prefix_grid[:shown].T, origin="lower", aspect="auto", cmap="viridis",
+                      extent=(0.5, shown + 0.5, -0.5, ev.n_layer - 0.5))
     fig.colorbar(image, label="accuracy")
-    ax.set(xlabel="sentences read", ylabel="layer", title="Prefix-mean head accuracy per (sentences read, layer)")
+    ax.set(xlabel=f"sentences read (prefixes at least {MIN_DOCUMENTS} documents have)", ylabel="layer",
+           title="Prefix-mean head accuracy per (sentences read, layer)")
     written.append(_save(fig, directory / "accuracy_sentence_layer.png", plt))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -175,6 +175,7 @@ def test_eval_structure_oracle_and_consistency(classifier, tmp_path):
     table = ev.table()
     assert "oracle" in table and "Table 2, T = 2%" in table and "docs/s" in table
     assert ev.prefix_grid.shape == (4, 30) and ((0 <= ev.prefix_grid) & (ev.prefix_grid <= 1)).all()
+    assert ev.prefix_grid_docs.tolist() == [3, 3, 3, 1]
     figures = write_figures(ev, classifier.bundle.calibration, tmp_path)
     assert [f.name for f in figures] == ["accuracy_sentence_layer.png", "frontier.png", "exits.png"]
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in figures)

@@ -93,9 +93,8 @@ class Classifier:
         tokens = self.engine.tokenize_sentences(sentences)
         tokens, truncated = self._fit(tokens)
         name = policy or self.policy_name
-        chosen = self.policy if name == self.policy_name else self.make_policy(name)
         doc = self.engine.document()
-        decision = chosen.run(doc, tokens)
+        decision = self._policy(name).run(doc, tokens)
         return self._result(name, decision, doc, len(tokens), started, truncated)
 
     def __call__(self, texts: str | Sequence[str]) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
@@ -106,7 +105,11 @@ class Classifier:
     def stream(self, policy: str | None = None) -> "Stream":
         """Feed sentences one by one; see `Stream`. Only one stream or classification runs at a time."""
         name = policy or self.policy_name
-        return Stream(self, name, self.policy if name == self.policy_name else self.make_policy(name))
+        return Stream(self, name, self._policy(name))
+
+    def _policy(self, name: str) -> Policy:
+        """The bundle's default policy is built once; others when asked for."""
+        return self.policy if name == self.policy_name else self.make_policy(name)
 
     def _fit(self, tokens: list[list[int]]) -> tuple[list[list[int]], bool]:
         """The sentences that fit the context: all, or with truncation the longest prefix that fits."""

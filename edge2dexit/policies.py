@@ -232,32 +232,23 @@ class Paper2D(Policy):
 
     def run(self, doc: Document, sentences: Sequence[Tokens]) -> Decision:
         acc = Accumulator(self.heads.n_classes, self.tau_ignore, self.tau_acc)
-        fired_at: list[tuple[int, int]] = []
-        index_of_decode: list[int] = [0]  # which sentence the running decode belongs to
+        fired: list[int] = []  # the layer of the cell that won; its decode stops right there
 
         def classify(layer: int, means: np.ndarray) -> bool:
-            if layer not in self.heads.layers:
-                return False
-            if acc.add(self.heads.proba(layer, means[0])):
-                fired_at.append((index_of_decode[0], layer))
-                return True
-            return False
+            if layer in self.heads.layers and acc.add(self.heads.proba(layer, means[0])):
+                fired.append(layer)
+            return bool(fired)
 
         last: SentenceStates | None = None
         for step in paper2d_steps(len(sentences), self.n_layer):
             earlier = range(step.earlier_from, step.depth)
             if step.sentence and len(earlier):
-                index_of_decode[0] = 0
                 for states in doc.deepening(step.depth, layers=earlier, stop=classify):
-                    index_of_decode[0] = states.index + 1
-                    if fired_at:
-                        break
-            if not fired_at:
-                index_of_decode[0] = step.sentence
-                (last,) = doc.append([sentences[step.sentence]], step.depth, stop=classify)
-            if fired_at:
-                sentence, layer = fired_at[0]
-                return _won(acc, sentence, layer, doc.n_sentences)
+                    if fired:
+                        return _won(acc, states.index, fired[0], doc.n_sentences)
+            (last,) = doc.append([sentences[step.sentence]], step.depth, stop=classify)
+            if fired:
+                return _won(acc, step.sentence, fired[0], doc.n_sentences)
         top = self.n_layer - 1
         if last.depth < self.n_layer:  # the fallback needs the last sentence at the last layer
             last = doc.deepen(self.n_layer, layers=[top])[-1]

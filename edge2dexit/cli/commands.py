@@ -67,7 +67,8 @@ def classify(
                 failure = failure or exc.exit_code
                 if as_json:
                     typer.echo(json.dumps({"input": source, "error": str(exc)}))
-                typer.echo(f"edge2dexit: {source}: {exc}" if not str(exc).startswith(source) else f"edge2dexit: {exc}", err=True)
+                message = str(exc) if str(exc).startswith(f"{source}:") else f"{source}: {exc}"
+                typer.echo(f"edge2dexit: {message}", err=True)
                 continue
             if as_json:
                 typer.echo(json.dumps({"input": source, **result.to_dict()}))

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .engine import Engine, EngineSettings
-from .llama import Context, ContextSettings
-from .sentences import SentenceSplitter
+from .document import sentence_by_sentence
+from .engine import Engine, EngineSettings, PlainReader
+from .sentences import Splitter
 
 SAMPLE_TEXT = Path(__file__).parent / "models" / "sample_review.txt"
 
@@ -34,37 +34,31 @@ def _time_once(fn: Callable[[], object]) -> float:
 
 
 def engine_benchmark(model_path: str | Path, text: str, rounds: int = 7, n_threads: int | None = None) -> dict:
-    """Time sentence-by-sentence reads of `text` stopped after L/4, L/2, 3L/4 and L layers, a plain decode
-    without any eval callback, reading every layer's states, and the sentence splitters."""
-    settings = EngineSettings(n_ctx=2048, n_threads=n_threads)
-    with Engine(model_path, settings) as engine:
+    """Time sentence-by-sentence reads of `text` stopped after L/4, L/2, 3L/4 and L layers, the whole text in one
+    decode with and without the eval callback, reading every layer's states, and the sentence splitters."""
+    with Engine.load(model_path, EngineSettings(n_threads=n_threads)) as engine, PlainReader(engine) as plain:
         n_layer = engine.n_layer
-        splitter, regex = SentenceSplitter("pysbd"), SentenceSplitter("regex")
+        splitter, regex = Splitter("pysbd"), Splitter("regex")
         sentences = splitter.split(text)
-        tokens = engine.tokenize_sentences(sentences)
-        plain = Context(engine.model, ContextSettings(2048, engine.context.settings.n_threads, tap=False))
+        tokens = [engine.tokenize(s) for s in sentences]
+        whole = [t for sentence in tokens for t in sentence]
 
         def read(depth: int, layers: tuple[int, ...] | None = ()) -> None:
-            doc = engine.document()
-            for t in tokens:
-                doc.append([t], depth, layers)
+            engine.run(sentence_by_sentence(engine.document(), tokens, depth, layers))
 
-        def read_plain() -> None:
-            plain.remove(0)
-            pos = 0
-            for t in tokens:
-                plain.decode(t, pos, n_layer, ())
-                pos += len(t)
+        def read_whole() -> None:
+            engine.run(engine.document().append([whole], n_layer, ()))
 
         depths = sorted({max(1, n_layer // 4), n_layer // 2, 3 * n_layer // 4})
         cases: list[tuple[str, Callable[[], object], float | None]] = [
-            ("full depth (engine, reads nothing)", lambda: read(n_layer), 1.0),
-            ("full depth, plain decode, no callback", read_plain, None),
+            ("full depth, one decode per sentence", lambda: read(n_layer), 1.0),
+            ("full depth, whole text in one decode", read_whole, None),
+            ("the same, plain decode, no callback", lambda: plain.read(whole), None),
             ("full depth, reading every layer", lambda: read(n_layer, None), None),
             *[(f"stopped after {d}/{n_layer} layers", lambda d=d: read(d), d / n_layer) for d in depths],
             ("sentence split, pysbd", lambda: splitter.split(text), None),
             ("sentence split, regex", lambda: regex.split(text), None),
-            ("tokenize sentences", lambda: engine.tokenize_sentences(sentences), None),
+            ("tokenize sentences", lambda: [engine.tokenize(s) for s in sentences], None),
         ]
         times: list[list[float]] = [[] for _ in cases]
         for fn in [c[1] for c in cases]:  # warm-up
@@ -72,18 +66,17 @@ def engine_benchmark(model_path: str | Path, text: str, rounds: int = 7, n_threa
         for _ in range(rounds):
             for slot, (_, fn, _) in enumerate(cases):
                 times[slot].append(_time_once(fn))
-        plain.close()
     medians = [statistics.median(t) for t in times]
     full = medians[0]
     timings = [Timing(name, m, m / full, ideal) for (name, _, ideal), m in zip(cases, medians)]
     return {
         "model": str(model_path),
         "n_layer": n_layer,
-        "n_tokens": sum(map(len, tokens)),
+        "n_tokens": len(whole),
         "n_sentences": len(sentences),
         "rounds": rounds,
         "timings": timings,
-        "callback_overhead": medians[0] / medians[1] - 1,
+        "callback_overhead": medians[1] / medians[2] - 1,
         "pysbd_share": medians[-3] / (medians[-3] + medians[-1] + full),
         "regex_share": medians[-2] / (medians[-2] + medians[-1] + full),
     }
@@ -99,7 +92,7 @@ def format_engine_benchmark(result: dict) -> str:
         ideal = f"{t.ideal:7.3f}" if t.ideal is not None else ""
         lines.append(f"{t.name:44} {t.seconds * 1e3:9.2f} {t.ratio:8.3f} {ideal}")
     lines += [
-        f"eval-callback overhead vs plain full-depth decode: {result['callback_overhead'] * 100:+.1f}%",
+        f"eval-callback overhead, whole text at full depth vs a plain decode: {result['callback_overhead'] * 100:+.1f}%",
         f"sentence splitter share of (split + tokenize + full-depth compute): pysbd {result['pysbd_share'] * 100:.1f}%,"
         f" regex {result['regex_share'] * 100:.2f}%",
     ]

@@ -20,20 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, ReaderTensor
 
 from . import keys
 from .errors import BundleError, InputError
 from .heads import ExitHead, ExitHeads
-from .keys import Keys
-from .sentences import SentenceSplitter
+from .keys import Key, Keys
+from .models.gguf_file import check_gguf
+from .sentences import Splitter
 
 EXITS_FILE = "exits.gguf"
 MODEL_FILE = "model.gguf"
 MODEL_CARD = "README.md"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Bundle:
     base: BaseModelRef
     labels: tuple[str, ...]
     task_prompt: str
-    splitter: SentenceSplitter
+    splitter: Splitter
     heads: dict[str, ExitHeads]  # pooling → heads, e.g. "sentence", "prefix"
     policies: dict[str, dict[str, Any]]  # name → calibrated parameters (JSON-able)
     default_policy: str
@@ -141,40 +141,32 @@ def _check_pooling(name: str) -> str:
     return name
 
 
-# GGUF value types of the keys: (type, array item type).
-_Spec = tuple[GGUFValueType, GGUFValueType | None]
-_STR = (GGUFValueType.STRING, None)
-_U32 = (GGUFValueType.UINT32, None)
-_STRS = (GGUFValueType.ARRAY, GGUFValueType.STRING)
-_U32S = (GGUFValueType.ARRAY, GGUFValueType.UINT32)
-
-
-def _metadata(bundle: Bundle) -> list[tuple[str, Any, _Spec]]:
+def _metadata(bundle: Bundle) -> list[tuple[Key, Any]]:
     """Every key of the exits file but general.architecture, which GGUFWriter adds itself."""
     base, e = bundle.base, Keys.Exits
     items = [
-        (Keys.General.TYPE, keys.GENERAL_TYPE_ADAPTER, _STR),
-        (Keys.Adapter.TYPE, keys.ADAPTER_TYPE_EDGE2DEXIT, _STR),
-        (Keys.General.NAME, f"edge2dexit exits for {base.name or base.architecture}", _STR),
-        (e.FORMAT_VERSION, keys.FORMAT_VERSION, _U32),
-        (e.BASE_NAME, base.name, _STR),
-        (e.BASE_SHA256, base.sha256, _STR),
-        (e.BASE_ARCHITECTURE, base.architecture, _STR),
-        (e.BASE_BLOCK_COUNT, base.n_layer, _U32),
-        (e.BASE_EMBEDDING_LENGTH, base.n_embd, _U32),
-        (e.LABELS, list(bundle.labels), _STRS),
-        (e.TASK_PROMPT, bundle.task_prompt, _STR),
-        (e.SPLITTER_KIND, bundle.splitter.kind, _STR),
-        (e.SPLITTER_LANGUAGE, bundle.splitter.language, _STR),
-        (e.HEAD_KIND, bundle.head_kind, _STR),
-        (e.HEAD_HIDDEN_SIZE, bundle.head_hidden, _U32),
-        (e.INPUT_NORMALISATION, keys.INPUT_STANDARDISE, _STR),
-        (e.POOLINGS, list(bundle.heads), _STRS),
-        (e.DEFAULT_POLICY, bundle.default_policy, _STR),
-        (e.CALIBRATION, json.dumps(bundle.calibration) if bundle.calibration else "", _STR),
+        (Keys.General.TYPE, keys.GENERAL_TYPE_ADAPTER),
+        (Keys.Adapter.TYPE, keys.ADAPTER_TYPE_EDGE2DEXIT),
+        (Keys.General.NAME, f"edge2dexit exits for {base.name or base.architecture}"),
+        (e.FORMAT_VERSION, keys.FORMAT_VERSION),
+        (e.BASE_NAME, base.name),
+        (e.BASE_SHA256, base.sha256),
+        (e.BASE_ARCHITECTURE, base.architecture),
+        (e.BASE_BLOCK_COUNT, base.n_layer),
+        (e.BASE_EMBEDDING_LENGTH, base.n_embd),
+        (e.LABELS, list(bundle.labels)),
+        (e.TASK_PROMPT, bundle.task_prompt),
+        (e.SPLITTER_KIND, bundle.splitter.kind),
+        (e.SPLITTER_LANGUAGE, bundle.splitter.language),
+        (e.HEAD_KIND, bundle.head_kind),
+        (e.HEAD_HIDDEN_SIZE, bundle.head_hidden),
+        (e.INPUT_NORMALISATION, keys.INPUT_STANDARDISE),
+        (e.POOLINGS, list(bundle.heads)),
+        (e.DEFAULT_POLICY, bundle.default_policy),
+        (e.CALIBRATION, json.dumps(bundle.calibration) if bundle.calibration else ""),
     ]
-    items += [(keys.exit_layers_key(p), list(h.layers), _U32S) for p, h in bundle.heads.items()]
-    items += [(keys.policy_key(name), json.dumps(params), _STR) for name, params in bundle.policies.items()]
+    items += [(Keys.exit_layers(p), list(h.layers)) for p, h in bundle.heads.items()]
+    items += [(Keys.policy(name), json.dumps(params)) for name, params in bundle.policies.items()]
     return items
 
 
@@ -197,8 +189,8 @@ def write_exits(bundle: Bundle, path: str | os.PathLike[str], half: bool = True)
     tmp = path.with_name(path.name + ".tmp")
     writer = GGUFWriter(tmp, arch=bundle.base.architecture)
     try:
-        for key, value, (vtype, sub_type) in _metadata(bundle):
-            writer.add_key_value(key, value, vtype, sub_type)  # not add_string: it drops empty strings
+        for key, value in _metadata(bundle):
+            writer.add_key_value(key.name, value, key.type, key.item)  # not add_string: it drops empty strings
         for name, array in _tensors(bundle, half):
             writer.add_tensor(name, array)
         writer.write_header_to_file()
@@ -238,36 +230,21 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
 
 
 def _open(path: Path) -> GGUFReader:
+    check_gguf(path, BundleError)
     try:
-        with open(path, "rb") as f:
-            magic = f.read(len(_GGUF_MAGIC))
-    except OSError as exc:
-        raise BundleError(f"cannot read it ({exc.strerror})") from None
-    if magic != _GGUF_MAGIC:
-        raise BundleError("not a GGUF file (it does not start with the GGUF magic)")
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf-py reports damage as whatever numpy raises on reading past the end
-        raise BundleError(f"GGUF file is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                          "copy or export the bundle again") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        end = t.data_offset + GGUFWriter.ggml_pad(int(t.n_bytes), int(reader.alignment))
-        if end > size:
-            raise BundleError(f"GGUF file is truncated or corrupt (tensor {t.name} ends at byte {end}, "
-                              f"the file has {size}); copy or export the bundle again")
-    return reader
+        return GGUFReader(path)
+    except Exception as exc:  # the header walk passed, so this is damage gguf-py alone notices
+        raise BundleError(f"GGUF file is corrupt ({type(exc).__name__}: {exc}); copy or export the bundle again") from None
 
 
-def _value(reader: GGUFReader, key: str, spec: _Spec) -> Any:
-    f = reader.get_field(key)
+def _value(reader: GGUFReader, key: Key) -> Any:
+    f = reader.get_field(key.name)
     if f is None:
-        raise BundleError(f"missing key {key}")
-    vtype, sub_type = spec
+        raise BundleError(f"missing key {key.name}")
     # An empty array has no item type: accept it and let the checks on its content speak.
-    if f.types[0] != vtype or (sub_type is not None and f.types[1:] not in ([], [sub_type])):
+    if f.types[0] != key.type or (key.item is not None and f.types[1:] not in ([], [key.item])):
         found = "/".join(t.name for t in f.types)
-        raise BundleError(f"key {key} is {found}, expected {'/'.join(t.name for t in spec if t is not None)}")
+        raise BundleError(f"key {key.name} is {found}, expected {key.describe()}")
     return f.contents()
 
 
@@ -285,45 +262,47 @@ def _read(path: Path) -> Bundle:
     reader = _open(path)
     for key, expected in ((Keys.General.TYPE, keys.GENERAL_TYPE_ADAPTER),
                           (Keys.Adapter.TYPE, keys.ADAPTER_TYPE_EDGE2DEXIT)):
-        f = reader.get_field(key)
-        found = f.contents() if f is not None and f.types == [GGUFValueType.STRING] else None
+        f = reader.get_field(key.name)
+        found = f.contents() if f is not None and f.types == [key.type] else None
         if found != expected:
-            raise BundleError(f"not an edge2dexit exits file ({key} = {found!r}, expected {expected!r})")
+            raise BundleError(f"not an edge2dexit exits file ({key.name} = {found!r}, expected {expected!r})")
     e = Keys.Exits
-    version = _value(reader, e.FORMAT_VERSION, _U32)
+    version = _value(reader, e.FORMAT_VERSION)
     if version > keys.FORMAT_VERSION:
         raise BundleError(f"written in exits format version {version}, this edge2dexit reads up to version "
                           f"{keys.FORMAT_VERSION}: upgrade edge2dexit")
-    if version < 1:
-        raise BundleError(f"unknown exits format version {version}")
-    normalisation = _value(reader, e.INPUT_NORMALISATION, _STR)
+    if version < keys.FORMAT_VERSION:
+        raise BundleError(f"written in exits format version {version} by an older edge2dexit, whose policy names "
+                          "and parameters this one no longer reads: convert the bundle again")
+    normalisation = _value(reader, e.INPUT_NORMALISATION)
     if normalisation != keys.INPUT_STANDARDISE:
         raise BundleError(f"unknown input normalisation {normalisation!r}")
 
     base = BaseModelRef(
-        name=_value(reader, e.BASE_NAME, _STR),
-        sha256=_value(reader, e.BASE_SHA256, _STR),
-        architecture=_value(reader, e.BASE_ARCHITECTURE, _STR),
-        n_layer=_value(reader, e.BASE_BLOCK_COUNT, _U32),
-        n_embd=_value(reader, e.BASE_EMBEDDING_LENGTH, _U32),
+        name=_value(reader, e.BASE_NAME),
+        sha256=_value(reader, e.BASE_SHA256),
+        architecture=_value(reader, e.BASE_ARCHITECTURE),
+        n_layer=_value(reader, e.BASE_BLOCK_COUNT),
+        n_embd=_value(reader, e.BASE_EMBEDDING_LENGTH),
     )
-    labels = tuple(_value(reader, e.LABELS, _STRS))
-    head_kind = _check_head_kind(_value(reader, e.HEAD_KIND, _STR))  # before it is used to build tensor names
+    labels = tuple(_value(reader, e.LABELS))
+    head_kind = _check_head_kind(_value(reader, e.HEAD_KIND))  # before it is used to build tensor names
     try:
-        splitter = SentenceSplitter(_value(reader, e.SPLITTER_KIND, _STR), _value(reader, e.SPLITTER_LANGUAGE, _STR))
+        splitter = Splitter(_value(reader, e.SPLITTER_KIND), _value(reader, e.SPLITTER_LANGUAGE))
     except InputError as exc:
         raise BundleError(str(exc)) from None
 
     tensors = {t.name: t for t in reader.tensors}
     heads = {}
-    for pooling in map(_check_pooling, _value(reader, e.POOLINGS, _STRS)):
-        layers = _value(reader, keys.exit_layers_key(pooling), _U32S)
+    for pooling in map(_check_pooling, _value(reader, e.POOLINGS)):
+        layers_key = Keys.exit_layers(pooling)
+        layers = _value(reader, layers_key)
         if len(set(layers)) != len(layers):
-            raise BundleError(f"{keys.exit_layers_key(pooling)} lists a layer twice: {layers}")
+            raise BundleError(f"{layers_key.name} lists a layer twice: {layers}")
         heads[pooling] = ExitHeads(pooling, labels, {
             layer: _read_head(tensors, pooling, layer, head_kind) for layer in layers})
     used = {name for pooling, h in heads.items() for layer in h.layers
-            for name in _head_tensor_names(pooling, layer, head_kind)}
+            for name in keys.head_tensors(pooling, layer, head_kind)}
     unused = tensors.keys() - used
     if unused:
         raise BundleError(f"holds tensors that belong to no exit head of the bundle: {', '.join(sorted(unused))}")
@@ -332,24 +311,20 @@ def _read(path: Path) -> Bundle:
     for key in reader.fields:
         name = keys.policy_name(key)
         if name is not None:
-            policies[name] = _json_object(key, _value(reader, key, _STR))
-    calibration = _value(reader, e.CALIBRATION, _STR)
+            policies[name] = _json_object(key, _value(reader, Keys.policy(name)))
+    calibration = _value(reader, e.CALIBRATION)
     return Bundle(
         base=base,
         labels=labels,
-        task_prompt=_value(reader, e.TASK_PROMPT, _STR),
+        task_prompt=_value(reader, e.TASK_PROMPT),
         splitter=splitter,
         heads=heads,
         policies=policies,
-        default_policy=_value(reader, e.DEFAULT_POLICY, _STR),
+        default_policy=_value(reader, e.DEFAULT_POLICY),
         calibration=_json_object(e.CALIBRATION, calibration) if calibration else {},
         head_kind=head_kind,
-        head_hidden=_value(reader, e.HEAD_HIDDEN_SIZE, _U32),
+        head_hidden=_value(reader, e.HEAD_HIDDEN_SIZE),
     )
-
-
-def _head_tensor_names(pooling: str, layer: int, kind: str) -> tuple[str, ...]:
-    return keys.norm_tensors(pooling, layer) + sum(keys.linear_tensors(pooling, layer, kind), ())
 
 
 _F32 = (GGMLQuantizationType.F32,)

@@ -4,13 +4,18 @@
         result = clf.classify(open("review.txt").read())
         print(result.label, result.scores)
         clf("Great film.")                          # [{"label": "positive", "score": 0.97}]
+        for key, outcome in clf.classify_many(enumerate(texts)):   # many documents in one batch, as they finish
+            ...                                     # outcome: a Result, or the Edge2DExitError of that text
 
-    with Classifier(policy="ours").stream() as stream:   # sentences as they arrive
-        for sentence in transcript:
-            if (result := stream.feed(sentence)) is not None:
+    with Classifier() as clf, clf.stream() as stream:   # sentences as they arrive
+        for piece in transcript:
+            if (result := stream.feed(piece)) is not None:
                 break                               # decided early
         else:
             result = stream.finish()
+
+Texts are split and tokenized lazily, sentence by sentence, as the policy asks for them: a policy that decides
+after three sentences never pays for splitting or tokenizing the rest.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 from .bundle import Bundle, load_bundle
-from .engine import Document, Engine, EngineSettings
-from .errors import ContextOverflowError, InputError
-from .files import sha256_file
+from .cache import sha256_file
+from .document import Document, Reading
+from .engine import Engine, EngineSettings
+from .errors import ContextOverflowError, Edge2DExitError, InputError
 from .models.registry import resolve_model
 from .policies import Decision, Policy, PolicyStream, make_policy
+from .texts import check_text
 
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
 
@@ -39,7 +46,7 @@ class Result:
     exit_layer: int  # 0-based layer of the head that decided
     early: bool  # an exit rule fired before the whole text was read at full depth
     sentences_read: int
-    sentences_total: int  # sentences in the text (after truncation, if any)
+    sentences_total: int | None  # sentences in the text (after truncation); None: reading stopped before the end
     layers_run: int  # deepest pass computed
     operations: int  # (sentence, layer) cells computed, as the paper counts them
     token_layers: int  # tokens × layers llama.cpp really computed, re-decodes included
@@ -55,8 +62,52 @@ class Result:
         return asdict(self)
 
 
+class _Sentences:
+    """A text's sentences as token lists, split and tokenized only as far as they are pulled, within the room of
+    the context: past it, either the text is refused (ContextOverflowError) or, with `truncate`, it ends there."""
+
+    def __init__(self, classifier: "Classifier", text: str, room: int):
+        self._pieces = classifier.bundle.splitter.sentences(text)
+        self._tokenize = classifier.engine.tokenize
+        self._truncate, self._room = classifier.truncate, room
+        self.pulled = 0  # sentences handed out
+        self.used = 0  # their tokens
+        self.truncated = False
+        self.ended = False  # the text (or its part that fits) has no sentence left
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.ended:
+            raise StopIteration
+        piece = next(self._pieces, None)
+        if piece is None:
+            self.ended = True
+            raise StopIteration
+        tokens = self._tokenize(piece)
+        if self.used + len(tokens) > self._room:
+            if not self._truncate or self.pulled == 0:
+                raise ContextOverflowError.for_text(self.used + len(tokens), self._room)
+            self.truncated = self.ended = True
+            raise StopIteration
+        self.pulled += 1
+        self.used += len(tokens)
+        return tokens
+
+    def total(self) -> int | None:
+        """Sentences in the text if reading reached its end, or if a peek shows no sentence is left; else None."""
+        if self.ended or next(self._pieces, None) is None:
+            return self.pulled
+        return None
+
+
 class Classifier:
-    """Loads a bundle and its base model once; classifies any number of texts. Close it (or use `with`)."""
+    """Loads a bundle and its base model once; classifies any number of texts. Close it (or use `with`).
+
+    One classification (or stream) runs at a time on one classifier; `classify_many` reads up to
+    `settings.width` documents at once in shared decodes.
+    """
 
     def __init__(
         self,
@@ -69,7 +120,7 @@ class Classifier:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE)
         self.model_path = resolve_model(model or self.bundle.model_file or self.bundle.base.name)
         self.truncate = truncate
-        self.engine = Engine(self.model_path, settings, prompt=self.bundle.task_prompt)
+        self.engine = Engine.load(self.model_path, settings, prompt=self.bundle.task_prompt)
         try:
             self.bundle.check_base(
                 sha256_file(self.model_path), self.engine.architecture, self.engine.n_layer, self.engine.n_embd
@@ -89,13 +140,27 @@ class Classifier:
 
     def classify(self, text: str, policy: str | None = None) -> Result:
         started = time.perf_counter()
-        sentences = self.bundle.splitter.split(_check_text(text))
-        tokens = self.engine.tokenize_sentences(sentences)
-        tokens, truncated = self._fit(tokens)
         name = policy or self.policy_name
         doc = self.engine.document()
-        decision = self._policy(name).run(doc, tokens)
-        return self._result(name, decision, doc, len(tokens), started, truncated)
+        return self._finish(self.engine.run(self._reading(doc, text, name)), name, doc, started)
+
+    def classify_many(
+        self, texts: Iterable[str] | Iterable[tuple[Hashable, str]], policy: str | None = None
+    ) -> Iterator[tuple[Hashable, Result | Edge2DExitError]]:
+        """Classify many texts with up to `settings.width` of them in flight in shared llama.cpp decodes,
+        yielding (key, Result) as each finishes — not in input order — or (key, error) for a text that could not
+        be classified (empty, too long, ...): the others go on. Plain strings are keyed by their index."""
+        name = policy or self.policy_name
+        self._policy(name)  # a bad policy name fails here, once, not once per text
+        jobs = ((key, self._job(text, name)) for key, text in _keyed(texts))
+        for done in self.engine.run_many(jobs):
+            if done.error is not None:
+                if not isinstance(done.error, Edge2DExitError):
+                    raise done.error
+                yield done.key, done.error
+            else:
+                outcome, started = done.result
+                yield done.key, self._finish(outcome, name, done.doc, started)
 
     def __call__(self, texts: str | Sequence[str]) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         if isinstance(texts, str):
@@ -103,7 +168,7 @@ class Classifier:
         return [self.classify(t).as_pipeline() for t in texts]
 
     def stream(self, policy: str | None = None) -> "Stream":
-        """Feed sentences one by one; see `Stream`. Only one stream or classification runs at a time."""
+        """Feed text piece by piece; see `Stream`. Only one stream or classification runs at a time."""
         name = policy or self.policy_name
         return Stream(self, name, self._policy(name))
 
@@ -111,23 +176,25 @@ class Classifier:
         """The bundle's default policy is built once; others when asked for."""
         return self.policy if name == self.policy_name else self.make_policy(name)
 
-    def _fit(self, tokens: list[list[int]]) -> tuple[list[list[int]], bool]:
-        """The sentences that fit the context: all, or with truncation the longest prefix that fits."""
-        capacity, used = self.engine.capacity, 0
-        for k, t in enumerate(tokens):
-            used += len(t)
-            if used > capacity:
-                if not self.truncate or k == 0:
-                    total = sum(map(len, tokens))
-                    raise ContextOverflowError(
-                        f"the text is {total} tokens but the context leaves room for {capacity} after the task "
-                        f"prompt: raise the context size (--n-ctx) or read only what fits (--truncate)"
-                    )
-                return tokens[:k], True
-        return tokens, False
+    def _job(self, text: str, name: str):
+        started = time.perf_counter()
+
+        def reading(doc: Document) -> Reading[tuple[tuple[Decision, _Sentences], float]]:
+            return (yield from self._reading(doc, text, name)), started
+
+        return reading
+
+    def _reading(self, doc: Document, text: str, name: str) -> Reading[tuple[Decision, _Sentences]]:
+        sentences = _Sentences(self, check_text(text), doc.room)
+        decision = yield from self._policy(name).read(doc, sentences)
+        return decision, sentences
+
+    def _finish(self, outcome: tuple[Decision, _Sentences], name: str, doc: Document, started: float) -> Result:
+        decision, sentences = outcome
+        return self._result(name, decision, doc, sentences.total(), started, sentences.truncated)
 
     def _result(
-        self, name: str, decision: Decision, doc: Document, total: int, started: float, truncated: bool
+        self, name: str, decision: Decision, doc: Document, total: int | None, started: float, truncated: bool
     ) -> Result:
         scores = {label: float(p) for label, p in zip(self.bundle.labels, decision.probabilities)}
         return Result(
@@ -136,7 +203,7 @@ class Classifier:
             policy=name,
             exit_sentence=decision.exit_sentence,
             exit_layer=decision.exit_layer,
-            early=decision.fired and (decision.sentences_read < total or decision.exit_layer < self.engine.n_layer - 1),
+            early=decision.fired and (decision.sentences_read != total or decision.exit_layer < self.engine.n_layer - 1),
             sentences_read=decision.sentences_read,
             sentences_total=total,
             layers_run=max(doc.valid_depths + (0,)),
@@ -157,11 +224,16 @@ class Classifier:
         self.close()
 
 
+def _keyed(texts: Iterable[str] | Iterable[tuple[Hashable, str]]) -> Iterator[tuple[Hashable, str]]:
+    for i, item in enumerate(texts):
+        yield (i, item) if isinstance(item, str) else item
+
+
 class Stream:
-    """Sentences as they arrive (a live chat, a transcript): `feed` returns a Result as soon as the policy is
-    confident, else None; `finish` decides on what was read. `ours` and `sentence` decide while reading;
-    `paper2d` needs the sentence count up front (its Δ = L/m), so like `full` and `layer` it decides at
-    `finish`. A text may be fed in pieces: each piece is split into sentences first."""
+    """Text as it arrives (a live chat, a transcript): `feed` returns a Result as soon as the policy is confident,
+    else None; `finish` decides on what was read. `prefix-mean` and `sentence-vote` decide while reading; `paper2d`
+    needs the sentence count up front (its Δ = L/m), so like `full` and `layer` it decides at `finish`. Each piece
+    fed is split into sentences first. Closing the stream (or leaving `with`) frees its document's sequence."""
 
     def __init__(self, classifier: Classifier, name: str, policy: Policy):
         self.classifier, self.name = classifier, name
@@ -176,19 +248,17 @@ class Stream:
         if self.result is not None:
             return self.result
         clf = self.classifier
-        for tokens in clf.engine.tokenize_sentences(clf.bundle.splitter.split(text)):
-            if self.truncated or self._fed + len(tokens) > clf.engine.capacity:
+        for piece in clf.bundle.splitter.sentences(text):
+            tokens = clf.engine.tokenize(piece)
+            if self.truncated or self._fed + len(tokens) > self.doc.capacity:
                 if not clf.truncate:
-                    raise ContextOverflowError(
-                        f"the stream outgrew the context ({clf.engine.capacity} tokens after the task prompt)"
-                        ": raise the context size or allow truncation"
-                    )
+                    raise ContextOverflowError.for_text(self._fed + len(tokens), self.doc.capacity)
                 self.truncated = True
                 return None
             self._fed += len(tokens)
-            decision = self._policy_stream.feed(tokens)
+            decision = clf.engine.run(self._policy_stream.feed(tokens))
             if decision is not None:
-                self.result = clf._result(self.name, decision, self.doc, decision.sentences_read, self._started, False)
+                self.result = clf._result(self.name, decision, self.doc, None, self._started, False)
                 return self.result
         return None
 
@@ -196,21 +266,17 @@ class Stream:
         if self.result is None:
             if self._fed == 0:
                 raise InputError("the stream ended before any sentence arrived")
-            decision = self._policy_stream.finish()
+            decision = self.classifier.engine.run(self._policy_stream.finish())
             n = decision.sentences_read
             self.result = self.classifier._result(self.name, decision, self.doc, n, self._started, self.truncated)
         return self.result
+
+    def close(self) -> None:
+        """Forget what the stream read (the next document on this sequence would do it anyway)."""
+        self.classifier.engine.release(self.doc)
 
     def __enter__(self) -> "Stream":
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
-
-
-def _check_text(text: str) -> str:
-    if "\x00" in text:
-        raise InputError("the input looks binary (it contains NUL bytes), not text")
-    if not text.strip():
-        raise InputError("the text is empty")
-    return text
+        self.close()

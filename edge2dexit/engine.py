@@ -1,116 +1,251 @@
-"""Sentence-incremental, depth-limited reading of a document through llama.cpp.
+"""Documents read through llama.cpp: one model, one context, the task prompt decoded once, and up to `width`
+documents in flight.
 
-One `Engine` owns one model and one context with a single sequence. The constant task prompt is decoded
-once, at full depth, when the engine starts; every document is read after it (`Engine.document()` drops
-the previous document's positions and keeps the prompt's).
+Sequence 0 holds the task prompt, decoded once at full depth when the engine starts; each document gets a sequence
+of its own (1..width) that starts as a copy of it (`llama_memory_seq_cp` shares the prompt's cells, nothing is
+recomputed). An engine answers the requests of `document.Document` readings:
 
-A `Document` feeds sentences to llama.cpp, each decode computing layers 0..depth-1 only, and returns per
-sentence the mean of its token states (and its last token's state) for the layers asked for. It knows
-nothing of labels or exit rules; policies decide what to read.
+- one at a time: `engine.run(reading)`;
+- many at once (`run_many`, continuous batching): every round, each document in flight has one pending decode; the
+  decodes are grouped by depth, each group is one `llama_decode` carrying the next sentence(s) of every document in
+  it at its own sequence and positions; a document that finishes frees its sequence and the next one takes it.
+  A decode stops inside the graph only when every document in it has a stop rule that fired: the others still need
+  their depth. A document whose rule fired earlier sees only the layers up to its stop (so it decides exactly as
+  alone), while its KV is valid — and paid for — to the depth the shared graph reached.
 
-Exactness: after a decode stopped at depth D, the KV cache of those positions is valid for layers < D
-only (deeper layers hold zeros or stale data, NOTES.md §2). The document keeps, per sentence, the depth up
-to which its KV is valid. Valid depths never increase along the document (a sentence is decoded only after
-everything before it is valid to its depth), so making the text valid to a depth D means removing
-everything from the first sentence valid below D and decoding it again, one sentence per decode, at D.
-No decode ever reads junk KV, and every state returned equals the state a plain decode of the same token
-stream in the same decode calls gives, bit for bit.
-
-Cost accounting, per document: `token_layers` counts what llama.cpp really computed (tokens × layers of
-every decode, re-decodes included); `operations` counts (sentence, layer) cells computed at least once,
-as the paper does.
+Exactness holds per sequence as in `document`: KV validity is tracked per document, and every state equals a plain
+decode of the same token stream in the same decode calls. Across different batching (one document alone vs sharing
+a decode) llama.cpp's numbers differ in the last digits (docs/llama-cpp.md §5).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from .document import Computed, Decode, Document, Forget, Reading, Request, drive
 from .errors import ContextOverflowError
-from .llama import Context, ContextSettings, Model
+from .llama import Context, ContextSettings, Model, Span
+from .sentences import token_text
+
+T = TypeVar("T")
+K = TypeVar("K")
+PROMPT_SEQ = 0
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    n_ctx: int = 2048
+    n_ctx: int = 2048  # tokens per document: task prompt + text
+    width: int = 1  # documents in flight (sequences of one context)
+    n_batch: int = 2048  # tokens in one graph; a decode that may stop inside the graph must fit in one
     n_threads: int | None = None  # None: every core this process may use
     n_gpu_layers: int = 0  # layers offloaded to a GPU build of llama.cpp (0 on CPU)
-    n_batch: int = 512  # longest single decode; longer inputs are decoded in chunks of this size
 
-
-# stop(layer, means): called as each read layer of a decode is computed, with the mean state of each sentence
-# of that decode at that layer ([n_sentences, n_embd]); returning True ends the decode after that layer.
-StopRule = Callable[[int, np.ndarray], bool]
-
-
-@dataclass(frozen=True)
-class SentenceStates:
-    """What one decode yields for one sentence: per layer read, the mean and the last token's state."""
-
-    index: int
-    n_tokens: int
-    depth: int
-    layers: tuple[int, ...]
-    mean: np.ndarray  # [len(layers), n_embd] float32
-    last: np.ndarray  # [len(layers), n_embd] float32
-
-    def at(self, layer: int) -> np.ndarray:
-        """Mean state of the sentence's tokens at `layer` (the output of that layer)."""
-        return self.mean[self.layers.index(layer)]
+    def __post_init__(self) -> None:
+        if self.n_ctx < 16 or self.width < 1 or self.n_batch < 16:
+            raise ValueError(f"n_ctx and n_batch must be at least 16 and width at least 1, got {self}")
 
 
 @dataclass
-class _Sentence:
-    tokens: list[int]
-    start: int  # position of its first token
-    valid_depth: int  # KV of layers below this is exact
-    max_depth: int  # deepest pass ever computed (for the paper's operation count)
+class Finished(Generic[K, T]):
+    """A reading of `run_many` that ended: its result, or the error that ended it."""
+
+    key: K
+    doc: Document
+    result: T | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _InFlight:
+    key: object
+    doc: Document
+    reading: Reading
+    request: Decode | None = field(default=None)
 
 
 class Engine:
-    """A model and a context, with the task prompt decoded once. Close it (or use `with`)."""
+    """A model and a context with the task prompt decoded once. Close it (or use `with`)."""
 
-    def __init__(self, model_path: str | Path, settings: EngineSettings = EngineSettings(), prompt: str = ""):
-        self.settings = settings
-        self.model = Model(model_path, n_gpu_layers=settings.n_gpu_layers)
+    def __init__(self, model: Model, context: Context, prompt_tokens: list[int], settings: EngineSettings):
+        """Take ownership of `model` and `context` (see `Engine.load`); decode the prompt into sequence 0."""
+        self.model, self.context, self.settings = model, context, settings
+        self.n_layer, self.n_embd, self.architecture = model.n_layer, model.n_embd, model.architecture
+        self.prompt_tokens = prompt_tokens
+        self.capacity = settings.n_ctx - len(prompt_tokens)  # tokens of text per document
+        self.context.decode([Span(PROMPT_SEQ, 0, prompt_tokens)], self.n_layer, ())  # valid at every depth, once
+        self._owners: dict[int, Document] = {}
+
+    @classmethod
+    def load(cls, model_path: str | Path, settings: EngineSettings = EngineSettings(), prompt: str = "") -> "Engine":
+        """Load a GGUF model with llama.cpp and make a context for `settings.width` documents after `prompt`."""
+        model = Model(model_path, n_gpu_layers=settings.n_gpu_layers)
         try:
+            prompt_tokens = model.tokenize(prompt, add_bos=True)
+            if len(prompt_tokens) >= settings.n_ctx:
+                raise ContextOverflowError(f"the task prompt takes {len(prompt_tokens)} tokens, more than the "
+                                           f"context of {settings.n_ctx}")
+            cells = len(prompt_tokens) + settings.width * (settings.n_ctx - len(prompt_tokens))
             threads = settings.n_threads or len(os.sched_getaffinity(0))
-            self.context = Context(self.model, ContextSettings(settings.n_ctx, threads, settings.n_batch))
+            context = Context(model, ContextSettings(cells, settings.width + 1, settings.n_batch, threads))
+            try:
+                return cls(model, context, prompt_tokens, settings)
+            except BaseException:
+                context.close()
+                raise
         except BaseException:
-            self.model.close()
+            model.close()
             raise
-        self.n_layer = self.model.n_layer
-        self.n_embd = self.model.n_embd
-        self.architecture = self.model.architecture
-        self.prompt = prompt
-        self.prompt_tokens = self.model.tokenize(prompt, add_bos=True)
-        if len(self.prompt_tokens) >= self.context.n_ctx:
-            raise ContextOverflowError(
-                f"the task prompt takes {len(self.prompt_tokens)} tokens, more than the context of {self.context.n_ctx}"
-            )
-        self.context.decode(self.prompt_tokens, 0, self.n_layer, ())  # valid at every depth, once
-        self._current: _EngineDocument | None = None
 
-    def tokenize_sentences(self, sentences: Sequence[str]) -> list[list[int]]:
-        """The token rule of sentences.py: each sentence on its own, as " " + sentence, without BOS."""
-        return [self.model.tokenize(" " + s, add_bos=False) for s in sentences]
+    def tokenize(self, sentence: str) -> list[int]:
+        """The token rule of `sentences`: each sentence on its own, as token_text(sentence), without BOS."""
+        return self.model.tokenize(token_text(sentence), add_bos=False)
 
-    @property
-    def capacity(self) -> int:
-        """Tokens of document text that fit after the prompt."""
-        return self.context.n_ctx - len(self.prompt_tokens)
+    def document(self, seq: int = 1) -> Document:
+        """Start a new document on sequence `seq` (1..width): its previous document's positions are dropped and it
+        starts from the prompt again."""
+        if not 1 <= seq <= self.settings.width:
+            raise ValueError(f"sequence {seq} is outside 1..{self.settings.width}")
+        self.context.remove(seq)
+        self.context.copy(PROMPT_SEQ, seq)
+        doc = Document(len(self.prompt_tokens), self.capacity, seq)
+        self._owners[seq] = doc
+        return doc
 
-    def document(self) -> "Document":
-        """Start reading a new document (the previous one's positions are dropped; the prompt is kept)."""
-        if self._current is not None:
-            self._current.closed = True
-        self.context.remove(len(self.prompt_tokens))
-        self._current = _EngineDocument(self)
-        return self._current
+    def release(self, doc: Document) -> None:
+        """Forget a document's positions now rather than when its sequence is next used."""
+        if self._owners.get(doc.seq) is doc:
+            self.context.remove(doc.seq)
+            del self._owners[doc.seq]
+
+    def run(self, reading: Reading[T]) -> T:
+        """Run one document's reading to its end, one decode at a time."""
+        return drive(reading, self.execute)
+
+    def execute(self, request: Request) -> Computed | None:
+        """Answer one request of a document started by this engine."""
+        self._check_owner(request.doc)
+        if isinstance(request, Forget):
+            self.context.remove(request.doc.seq, request.position)
+            return None
+        return self._decode([request])[0]
+
+    def run_many(self, jobs: Iterable[tuple[K, Callable[[Document], Reading[T]]]]) -> Iterator[Finished[K, T]]:
+        """Continuous batching: run `reading(doc)` for every (key, reading) job with up to `width` documents in
+        flight, yielding each as it finishes (not in job order). A reading that raises ends as an error; a failed
+        llama.cpp decode ends every reading it carried; the others go on."""
+        jobs = iter(jobs)
+        free = list(range(self.settings.width, 0, -1))
+        in_flight: dict[int, _InFlight] = {}
+        while True:
+            while free and (job := next(jobs, None)) is not None:
+                key, reading_of = job
+                doc = self.document(free.pop())
+                try:
+                    entry = _InFlight(key, doc, reading_of(doc))
+                except Exception as exc:  # noqa: BLE001 - the job ends as an error record
+                    free.append(doc.seq)
+                    yield Finished(key, doc, error=exc)
+                    continue
+                in_flight[doc.seq] = entry
+                if (done := self._advance(entry, None)) is not None:
+                    del in_flight[doc.seq]
+                    free.append(doc.seq)
+                    yield done
+            if not in_flight:
+                return
+            for group in self._groups([e.request for e in in_flight.values()]):
+                try:
+                    answers = self._decode(group)
+                except Exception as exc:  # noqa: BLE001 - every reading of this decode ends as an error
+                    answers = [exc] * len(group)
+                for request, answer in zip(group, answers):
+                    entry = in_flight[request.doc.seq]
+                    if isinstance(answer, Exception):
+                        done = Finished(entry.key, entry.doc, error=answer)
+                    else:
+                        done = self._advance(entry, answer)
+                    if done is not None:
+                        del in_flight[request.doc.seq]
+                        free.append(request.doc.seq)
+                        yield done
+
+    def _advance(self, entry: _InFlight, answer: Computed | None) -> Finished | None:
+        """Send `answer` to a reading and run it to its next decode (forgets are done on the spot); a Finished
+        when it ends instead."""
+        try:
+            request = entry.reading.send(answer) if entry.request is not None else next(entry.reading)
+            while isinstance(request, Forget):
+                self.context.remove(request.doc.seq, request.position)
+                request = entry.reading.send(None)
+        except StopIteration as done:
+            return Finished(entry.key, entry.doc, result=done.value)
+        except Exception as exc:  # noqa: BLE001 - the job ends as an error record
+            return Finished(entry.key, entry.doc, error=exc)
+        entry.request = request
+        return None
+
+    def _groups(self, requests: list[Decode]) -> list[list[Decode]]:
+        """Decodes of one round: by depth (shallowest first), each of at most n_batch tokens so that a stop inside
+        the graph sees every token of its decode at once."""
+        groups: list[list[Decode]] = []
+        for depth in sorted({r.depth for r in requests}):
+            size = 0
+            groups.append([])
+            for r in (r for r in requests if r.depth == depth):
+                n = sum(len(t) for t in r.sentences)
+                if groups[-1] and size + n > self.context.n_batch:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(r)
+                size += n
+        return groups
+
+    def _decode(self, requests: list[Decode]) -> list[Computed]:
+        """One llama_decode for requests of one depth, each on its document's sequence."""
+        depth = requests[0].depth
+        lengths = np.array([len(t) for r in requests for t in r.sentences])
+        ends = np.cumsum(lengths)
+        starts, counts = ends - lengths, lengths[:, None].astype(np.float32)
+        first = np.cumsum([0] + [len(r.sentences) for r in requests])  # each request's sentences in the means
+        means: dict[int, np.ndarray] = {}  # layer -> [all sentences, n_embd]
+
+        def sentence_means(layer: int, rows: np.ndarray) -> np.ndarray:
+            if layer not in means:
+                means[layer] = np.add.reduceat(rows, starts, axis=0) / counts
+            return means[layer]
+
+        stopping = [i for i, r in enumerate(requests) if r.stop is not None]
+        fired: dict[int, int] = {}  # request -> layer where its stop rule fired
+
+        def on_layer(layer: int, rows: np.ndarray) -> bool:
+            layer_means = sentence_means(layer, rows)
+            for i in stopping:
+                r = requests[i]
+                if i not in fired and layer in r.layers and r.stop(layer, layer_means[first[i] : first[i + 1]]):
+                    fired[i] = layer
+            return len(fired) == len(requests)
+
+        spans = [Span(r.doc.seq, r.start, [tok for t in r.sentences for tok in t]) for r in requests]
+        read = sorted({layer for r in requests for layer in r.layers})
+        decoded = self.context.decode(spans, depth, read, on_layer if stopping else None)
+        answers = []
+        for i, r in enumerate(requests):
+            reached = fired[i] + 1 if i in fired else decoded.depth
+            layers = [layer for layer in r.layers if layer < reached]
+            block = np.empty((len(r.sentences), len(layers), self.n_embd), dtype=np.float32)
+            for k, layer in enumerate(layers):
+                block[:, k] = sentence_means(layer, decoded.rows[layer])[first[i] : first[i + 1]]
+            answers.append(Computed(reached, decoded.depth, block))
+        return answers
+
+    def _check_owner(self, doc: Document) -> None:
+        if self._owners.get(doc.seq) is not doc:
+            raise RuntimeError("this document's sequence was given to a newer Engine.document(); read from that one")
 
     def close(self) -> None:
         self.context.close()
@@ -123,160 +258,27 @@ class Engine:
         self.close()
 
 
-class Document:
-    """The reading state of one document: which sentences were read, where, how deep their KV is valid,
-    and what it all cost. Subclasses supply the computation (`_compute`) and cache removal (`_forget`):
-    the engine's documents run llama.cpp, `replay.ReplayDocument` serves stored states."""
+class PlainReader:
+    """The same model read the plain way, as any prompt-based classifier would: a context with no eval callback,
+    the task prompt decoded once, each text in one full-depth decode. The benchmarks' baseline."""
 
-    def __init__(self, n_embd: int, first_position: int, capacity: int):
-        self.n_embd, self._first_position, self.capacity = n_embd, first_position, capacity
-        self._sentences: list[_Sentence] = []
-        self.token_layers = 0
-        self.decode_calls = 0
-
-    @property
-    def n_sentences(self) -> int:
-        return len(self._sentences)
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(len(s.tokens) for s in self._sentences)
-
-    @property
-    def operations(self) -> int:
-        return sum(s.max_depth for s in self._sentences)
-
-    @property
-    def valid_depths(self) -> tuple[int, ...]:
-        return tuple(s.valid_depth for s in self._sentences)
-
-    def fits(self, sentences: Sequence[Sequence[int]]) -> bool:
-        """Whether these tokenized sentences still fit in the context after what was read."""
-        return self.n_tokens + sum(len(t) for t in sentences) <= self.capacity
-
-    def append(
-        self,
-        sentences: Sequence[Sequence[int]],
-        depth: int,
-        layers: Sequence[int] | None = None,
-        stop: StopRule | None = None,
-    ) -> list[SentenceStates]:
-        """Read tokenized sentences after the text so far, in one decode, computing layers 0..depth-1.
-
-        Text already read that is valid below `depth` only is first re-decoded (and its cost counted).
-        `layers` are the layers whose states are returned (default: all below `depth`). `stop(layer, means)`,
-        given the new sentences' mean states at each layer read, may end the decode after that layer.
-        """
-        if not self.fits(sentences):
-            needed = self.n_tokens + sum(len(t) for t in sentences)
-            raise ContextOverflowError(
-                f"the text needs {needed} tokens after the task prompt but the context leaves room for "
-                f"{self.capacity}: raise the context size (n_ctx) or allow truncation"
-            )
-        self.deepen(depth, layers=())
-        start = self._first_position + self.n_tokens
-        new = []
-        for tokens in sentences:
-            new.append(_Sentence(list(tokens), start, 0, 0))
-            start += len(tokens)
-        first_index = len(self._sentences)
-        self._sentences.extend(new)
-        return self._decode(new, first_index, depth, layers, stop)
-
-    def deepening(
-        self, depth: int, layers: Sequence[int] | None = None, stop: StopRule | None = None
-    ) -> Iterator[SentenceStates]:
-        """Make the text read so far valid to `depth`: everything from the first sentence valid below it is
-        removed from the cache and decoded again, one sentence per decode, yielding each one's states.
-
-        A consumer may stop iterating at any time (the sentences not yet re-decoded are then out of the
-        cache and will be re-decoded when needed); a `stop` that fires also ends the iteration.
-        """
-        stale = next((i for i, s in enumerate(self._sentences) if s.valid_depth < depth), None)
-        if stale is None:
-            return
-        self._forget(self._sentences[stale].start)
-        for sentence in self._sentences[stale:]:
-            sentence.valid_depth = 0
-        for index in range(stale, len(self._sentences)):
-            (states,) = self._decode([self._sentences[index]], index, depth, layers, stop)
-            yield states
-            if states.depth < depth:
-                return
-
-    def deepen(self, depth: int, layers: Sequence[int] | None = None) -> list[SentenceStates]:
-        """`deepening` run to the end: the states of every re-decoded sentence (none if all were valid)."""
-        return list(self.deepening(depth, layers))
-
-    def _decode(
-        self,
-        sentences: list[_Sentence],
-        first_index: int,
-        depth: int,
-        layers: Sequence[int] | None,
-        stop: StopRule | None,
-    ) -> list[SentenceStates]:
-        layers = tuple(range(depth)) if layers is None else tuple(layers)
-        reached, means, lasts = self._compute(sentences, first_index, depth, layers, stop)
-        self.token_layers += sum(len(s.tokens) for s in sentences) * reached
-        self.decode_calls += 1
-        for s in sentences:
-            s.valid_depth = reached
-            s.max_depth = max(s.max_depth, reached)
-        read = tuple(layer for layer in layers if layer < reached)
-        return [
-            SentenceStates(first_index + i, len(s.tokens), reached, read, means[i], lasts[i])
-            for i, s in enumerate(sentences)
-        ]
-
-    def _compute(
-        self,
-        sentences: list[_Sentence],
-        first_index: int,
-        depth: int,
-        layers: tuple[int, ...],
-        stop: StopRule | None,
-    ) -> tuple[int, np.ndarray, np.ndarray]:
-        """Compute `sentences` (in one decode) to `depth`, or less where `stop` fires. Returns the depth
-        reached and, for the layers read below it, the means and last-token states [n, n_read, n_embd]."""
-        raise NotImplementedError
-
-    def _forget(self, position: int) -> None:
-        """Drop every cached position from `position` on."""
-        raise NotImplementedError
-
-
-class _EngineDocument(Document):
     def __init__(self, engine: Engine):
-        super().__init__(engine.n_embd, len(engine.prompt_tokens), engine.capacity)
-        self.engine = engine
-        self.closed = False
+        n_prompt = len(engine.prompt_tokens)
+        settings = ContextSettings(engine.settings.n_ctx, 1, engine.context.n_batch, engine.context.settings.n_threads,
+                                   tap=False)
+        self.n_layer, self.n_prompt = engine.n_layer, n_prompt
+        self.context = Context(engine.model, settings)
+        self.context.decode([Span(PROMPT_SEQ, 0, engine.prompt_tokens)], self.n_layer, ())
 
-    def _forget(self, position: int) -> None:
-        self._check_open()
-        self.engine.context.remove(position)
+    def read(self, tokens: list[int]) -> None:
+        self.context.remove(PROMPT_SEQ, self.n_prompt)
+        self.context.decode([Span(PROMPT_SEQ, self.n_prompt, tokens)], self.n_layer, ())
 
-    def _compute(self, sentences, first_index, depth, layers, stop):
-        self._check_open()
-        tokens = [tok for s in sentences for tok in s.tokens]
-        lengths = np.array([len(s.tokens) for s in sentences])
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        counts = lengths[:, None].astype(np.float32)
+    def close(self) -> None:
+        self.context.close()
 
-        def segment_means(rows: np.ndarray) -> np.ndarray:
-            return np.add.reduceat(rows, starts, axis=0) / counts
+    def __enter__(self) -> "PlainReader":
+        return self
 
-        on_layer = None if stop is None else (lambda layer, rows: stop(layer, segment_means(rows)))
-        decoded = self.engine.context.decode(tokens, sentences[0].start, depth, layers, on_layer)
-        read = [layer for layer in layers if layer < decoded.depth]
-        means = np.empty((len(sentences), len(read), self.n_embd), dtype=np.float32)
-        lasts = np.empty_like(means)
-        for k, layer in enumerate(read):
-            means[:, k] = segment_means(decoded.rows[layer])
-            lasts[:, k] = decoded.rows[layer][ends - 1]
-        return decoded.depth, means, lasts
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise RuntimeError("this document was replaced by a newer Engine.document(); read from that one")
+    def __exit__(self, *exc) -> None:
+        self.close()

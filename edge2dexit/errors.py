@@ -1,8 +1,8 @@
 """Every error a user can act on is an `Edge2DExitError`; the CLI prints its message and exits with its code.
 
 Exit codes (documented in the README):
-  0 success, 2 usage error (typer), 3 bad input text or data, 4 base model problem,
-  5 bundle problem, 6 text longer than the context.
+  0 success, 1 internal error (a bug: please report it), 2 usage error, 3 bad input text or data,
+  4 base model problem, 5 bundle problem, 6 text longer than the context, 130 interrupted (Ctrl-C).
 """
 
 
@@ -32,3 +32,12 @@ class ContextOverflowError(InputError):
     """The text does not fit the llama.cpp context and truncation was not asked for."""
 
     exit_code = 6
+
+    @classmethod
+    def for_text(cls, needed: int, capacity: int) -> "ContextOverflowError":
+        return cls(f"the text needs {needed} tokens but the context leaves room for {capacity} after the task "
+                   "prompt: raise the context size (--n-ctx) or read only what fits (--truncate)")
+
+
+class LlamaError(Edge2DExitError):
+    """llama.cpp refused an operation (context creation, decode)."""

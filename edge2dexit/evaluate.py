@@ -17,9 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .classifier import Classifier
-from .llama import Context, ContextSettings
-from .policies import POLICIES, PREFIX, SENTENCE
+from .classifier import Classifier, Result
+from .document import sentence_by_sentence
+from .engine import PlainReader
+from .heads import Pooling, running_means
+from .policies import POLICIES
 
 
 @dataclass
@@ -53,15 +55,15 @@ class Evaluation:
         full = self.scores["full"]
         lines = [
             f"{self.n_docs} documents, {self.n_layer} layers; speed-ups against the full policy in this run",
-            f"{'policy':10} {'acc':>6} {'F1':>6} {'token-layers':>13} {'operations':>11} {'wall-clock':>11} {'docs/s':>7}",
+            f"{'policy':13} {'acc':>6} {'F1':>6} {'token-layers':>13} {'operations':>11} {'wall-clock':>11} {'docs/s':>7}",
         ]
         for name, s in self.scores.items():
             lines.append(
-                f"{name:10} {s.accuracy:6.3f} {s.macro_f1:6.3f} {full.token_layers / s.token_layers:12.2f}× "
+                f"{name:13} {s.accuracy:6.3f} {s.macro_f1:6.3f} {full.token_layers / s.token_layers:12.2f}× "
                 f"{full.operations / s.operations:10.2f}× {full.seconds / s.seconds:10.2f}× {self.n_docs / s.seconds:7.2f}"
             )
         lines.append(
-            f"{'oracle':10} {self.oracle_accuracy:6.3f} {'':6} {self.full_token_layers / self.oracle_token_layers:12.2f}×"
+            f"{'oracle':13} {self.oracle_accuracy:6.3f} {'':6} {self.full_token_layers / self.oracle_token_layers:12.2f}×"
         )
         lines.append(f"plain llama.cpp full-depth decode of each text: {self.n_docs / self.plain_seconds:.2f} docs/s "
                      f"(full policy {self.n_docs / full.seconds:.2f}, best policy "
@@ -88,49 +90,41 @@ def macro_f1(truth: Sequence[int], predicted: Sequence[int], n_classes: int) -> 
 
 
 def evaluate(clf: Classifier, texts: Sequence[str], labels: Sequence[int], policies: Sequence[str] = POLICIES) -> Evaluation:
+    """Every policy (and `full` always) classifies every text through `clf`, interleaved text by text."""
     engine, bundle = clf.engine, clf.bundle
     n_layer, truth = engine.n_layer, np.asarray(labels)
-    runners = {name: clf.make_policy(name) for name in policies}
-    if "full" not in runners:
-        runners = {"full": clf.make_policy("full"), **runners}
-    records = {name: ([], [], [], [], 0.0) for name in runners}
-    documents = [engine.tokenize_sentences(bundle.splitter.split(t)) for t in texts]
-    plain = Context(engine.model, ContextSettings(engine.context.n_ctx, engine.context.settings.n_threads, tap=False))
-    n_prompt = len(engine.prompt_tokens)
-    plain.decode(engine.prompt_tokens, 0, n_layer, ())
-    plain_seconds = 0.0
+    names = list(dict.fromkeys(["full", *policies]))
+    for name in names:
+        clf.make_policy(name)  # a bad name or a policy the bundle lacks fails before any reading
+    results: dict[str, list[Result]] = {name: [] for name in names}
+    seconds = dict.fromkeys(names, 0.0)
     layer_hits = {pooling: np.zeros(n_layer) for pooling in bundle.heads}
+    documents = [_fitted([engine.tokenize(s) for s in bundle.splitter.split(t)], engine.capacity) for t in texts]
     longest = max(len(d) for d in documents)
     grid_hits, grid_docs = np.zeros((longest, n_layer)), np.zeros(longest)
     oracle_hits, oracle_costs = 0, []
-    try:
-        for i, tokens in enumerate(documents):
+    plain_seconds = 0.0
+    with PlainReader(engine) as plain:
+        for text, tokens, label in zip(texts, documents, truth):
             start = time.perf_counter()
-            plain.remove(n_prompt)
-            plain.decode([t for s in tokens for t in s], n_prompt, n_layer, ())
+            plain.read(engine.tokenize(text)[: engine.capacity])
             plain_seconds += time.perf_counter() - start
-            for name, runner in runners.items():  # interleaved: machine noise hits every policy alike
-                start = time.perf_counter()
-                doc = engine.document()
-                decision = runner.run(doc, tokens)
-                elapsed = time.perf_counter() - start
-                preds, costs, ops, exits, secs = records[name]
-                preds.append(decision.label_index)
-                costs.append(doc.token_layers)
-                ops.append(doc.operations)
-                exits.append((decision.exit_sentence, decision.exit_layer, len(tokens)))
-                records[name] = (preds, costs, ops, exits, secs + elapsed)
-            hit, cost = _layers_and_oracle(clf, tokens, int(truth[i]), layer_hits, grid_hits)
+            for name in names:  # interleaved: machine noise hits every policy alike
+                result = clf.classify(text, policy=name)
+                results[name].append(result)
+                seconds[name] += result.seconds
+            hit, cost = _layers_and_oracle(clf, tokens, int(label), layer_hits, grid_hits)
             grid_docs[: len(tokens)] += 1
             oracle_hits += hit
             oracle_costs.append(cost)
-    finally:
-        plain.close()
     scores = {}
-    for name, (preds, costs, ops, exits, secs) in records.items():
+    for name, rows in results.items():
+        predicted = [bundle.labels.index(r.label) for r in rows]
         scores[name] = PolicyScore(
-            name, float(np.mean(np.array(preds) == truth)), macro_f1(truth, preds, len(bundle.labels)),
-            float(np.mean(costs)), float(np.mean(ops)), secs, preds, costs, exits,
+            name, float(np.mean(np.array(predicted) == truth)), macro_f1(truth, predicted, len(bundle.labels)),
+            float(np.mean([r.token_layers for r in rows])), float(np.mean([r.operations for r in rows])),
+            seconds[name], predicted, [r.token_layers for r in rows],
+            [(r.exit_sentence, r.exit_layer, len(d)) for r, d in zip(rows, documents)],
         )
     n_tokens = [sum(map(len, d)) for d in documents]
     return Evaluation(
@@ -141,24 +135,27 @@ def evaluate(clf: Classifier, texts: Sequence[str], labels: Sequence[int], polic
     )
 
 
+def _fitted(tokens: list[list[int]], room: int) -> list[list[int]]:
+    """The sentences that fit `room` tokens, as `classify` with truncation reads them."""
+    ends = np.cumsum([len(t) for t in tokens])
+    return tokens[: max(1, int(np.searchsorted(ends, room, side="right")))]
+
+
 def _layers_and_oracle(
     clf: Classifier, tokens: list[list[int]], label: int, layer_hits: dict, grid_hits: np.ndarray
 ) -> tuple[int, int]:
     """One full-depth read, sentence by sentence, every layer: per-layer whole-text accuracy, the prefix head's
     hits per (sentences read, layer), and the oracle's cheapest correct cell (tokens × depth) for this document."""
     engine, heads = clf.engine, clf.bundle.heads
-    doc = engine.document()
-    states = np.stack([doc.append([t], engine.n_layer)[0].mean for t in tokens])  # [m, L, d]
-    prefix = np.cumsum(states, axis=0) / np.arange(1, len(tokens) + 1)[:, None, None]
+    states = engine.run(sentence_by_sentence(engine.document(), tokens, engine.n_layer))
     read = np.cumsum([len(t) for t in tokens])
     best = None
-    for pooling, inputs in ((SENTENCE, states), (PREFIX, prefix)):
-        if pooling not in heads:
-            continue
+    for pooling in heads:
         for layer in heads[pooling].layers:
-            answers = heads[pooling].proba(layer, inputs[:, layer]).argmax(-1)
+            inputs = states[:, layer] if pooling == Pooling.SENTENCE else running_means(states[:, layer])
+            answers = heads[pooling].proba(layer, inputs).argmax(-1)
             layer_hits[pooling][layer] += answers[-1] == label
-            if pooling == PREFIX:
+            if pooling == Pooling.PREFIX:
                 grid_hits[: len(tokens), layer] += answers == label
             for k in np.flatnonzero(answers == label):
                 cost = int(read[k]) * (layer + 1)

@@ -1,4 +1,4 @@
-"""Exit heads: the small classifiers that read one layer's hidden state, in plain numpy.
+"""Exit heads: the small classifiers that read one layer's hidden state, in plain numpy, and what they read.
 
 A head standardises its input first, x' = (x - norm_mean) / norm_scale, because residual streams are huge and
 grow with depth (Gemma's reaches norms of 35,000): without it one set of weights could not serve all inputs.
@@ -15,6 +15,30 @@ import numpy as np
 
 from .errors import BundleError
 from .keys import HEAD_LINEARS
+
+
+class Pooling:
+    """What a set of heads reads, per layer. Both are means of sentence means, so a head sees one vector per text
+    however long it is."""
+
+    SENTENCE = "sentence"  # one sentence's mean state (the paper's adapter input)
+    PREFIX = "prefix"  # the running mean of the sentence means read so far (evidence accumulated in embedding space)
+    ALL = (SENTENCE, PREFIX)
+
+
+def running_means(means: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
+    """Row k: the mean of rows first[k]..k of `means` [n, d] (default first = 0), summed in float64 — the input of
+    the prefix heads after each sentence. `first` lets one call serve many documents laid end to end."""
+    sums = np.concatenate([np.zeros((1, means.shape[1])), np.cumsum(means, axis=0, dtype=np.float64)])
+    first = np.zeros(len(means), dtype=np.int64) if first is None else first
+    counts = np.arange(1, len(means) + 1) - first
+    return ((sums[1:] - sums[first]) / counts[:, None]).astype(np.float32)
+
+
+def whole_text_input(pooling: str, means: np.ndarray) -> np.ndarray:
+    """What a head of `pooling` reads for a whole text whose sentence means are `means` [m, d]: the last
+    sentence's mean (the paper's layer-wise baseline), or the mean of all of them."""
+    return means[-1] if pooling == Pooling.SENTENCE else running_means(means)[-1]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

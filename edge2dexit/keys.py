@@ -1,4 +1,5 @@
-"""Every GGUF key and tensor name edge2dexit reads or writes, in one place (the style of gguf-py's `constants`).
+"""Every GGUF key and tensor name edge2dexit reads or writes, each key with its GGUF type, in one place (the style
+of gguf-py's `constants`). The bundle's writer and reader both take the types from here.
 
 An exits file is a GGUF *adapter* (``general.type = "adapter"``) whose ``adapter.type`` is "edge2dexit", so that
 llama.cpp refuses it as a LoRA instead of misreading it. Everything edge2dexit-specific lives under
@@ -9,8 +10,11 @@ Nothing else in the package spells a key or tensor name as a literal.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
-FORMAT_VERSION = 1  # bump on any change an older reader would misread
+from gguf import GGUFValueType
+
+FORMAT_VERSION = 2  # bump on any change an older reader would misread (2: policy names and parameters of 0.2)
 
 # Values of fixed keys.
 GENERAL_TYPE_ADAPTER = "adapter"
@@ -18,49 +22,73 @@ ADAPTER_TYPE_EDGE2DEXIT = "edge2dexit"
 INPUT_STANDARDISE = "standardise"  # x' = (x - norm_mean) / norm_scale, per dimension
 
 
+class Key(NamedTuple):
+    """A metadata key: its name, its GGUF value type and, for arrays, the type of the items."""
+
+    name: str
+    type: GGUFValueType
+    item: GGUFValueType | None = None
+
+    def describe(self) -> str:
+        return self.type.name + (f"/{self.item.name}" if self.item is not None else "")
+
+
+def _str(name: str) -> Key:
+    return Key(name, GGUFValueType.STRING)
+
+
+def _u32(name: str) -> Key:
+    return Key(name, GGUFValueType.UINT32)
+
+
+def _array(name: str, item: GGUFValueType) -> Key:
+    return Key(name, GGUFValueType.ARRAY, item)
+
+
 class Keys:
     class General:
-        TYPE = "general.type"
-        ARCHITECTURE = "general.architecture"  # the base model's, as llama.cpp expects of an adapter
-        NAME = "general.name"
-        ALIGNMENT = "general.alignment"  # uint32; read from base models, never written (GGUF's default of 32)
+        TYPE = _str("general.type")
+        ARCHITECTURE = _str("general.architecture")  # the base model's, as llama.cpp expects of an adapter
+        NAME = _str("general.name")
+        ALIGNMENT = _u32("general.alignment")  # read from base models, never written (GGUF's default of 32)
 
     class Adapter:
-        TYPE = "adapter.type"
+        TYPE = _str("adapter.type")
 
     class Exits:
-        FORMAT_VERSION = "edge2dexit.format_version"  # uint32
-        BASE_NAME = "edge2dexit.base.name"  # registry name, or "" for a model given by path
-        BASE_SHA256 = "edge2dexit.base.sha256"
-        BASE_ARCHITECTURE = "edge2dexit.base.architecture"
-        BASE_BLOCK_COUNT = "edge2dexit.base.block_count"  # uint32, layers
-        BASE_EMBEDDING_LENGTH = "edge2dexit.base.embedding_length"  # uint32
-        LABELS = "edge2dexit.labels"  # string array, class index order
-        TASK_PROMPT = "edge2dexit.task_prompt"
-        SPLITTER_KIND = "edge2dexit.splitter.kind"
-        SPLITTER_LANGUAGE = "edge2dexit.splitter.language"
-        HEAD_KIND = "edge2dexit.head.kind"  # one of HEAD_LINEARS
-        HEAD_HIDDEN_SIZE = "edge2dexit.head.hidden_size"  # uint32, 0 for linear heads
-        INPUT_NORMALISATION = "edge2dexit.input_normalisation"
-        POOLINGS = "edge2dexit.poolings"  # string array: the head sets present
-        DEFAULT_POLICY = "edge2dexit.default_policy"
-        CALIBRATION = "edge2dexit.calibration"  # JSON object string, or ""
-        POLICY_PREFIX = "edge2dexit.policy."  # + policy name: JSON object string of its parameters
+        FORMAT_VERSION = _u32("edge2dexit.format_version")
+        BASE_NAME = _str("edge2dexit.base.name")  # registry name (with its format), or "" for a model given by path
+        BASE_SHA256 = _str("edge2dexit.base.sha256")
+        BASE_ARCHITECTURE = _str("edge2dexit.base.architecture")
+        BASE_BLOCK_COUNT = _u32("edge2dexit.base.block_count")  # layers
+        BASE_EMBEDDING_LENGTH = _u32("edge2dexit.base.embedding_length")
+        LABELS = _array("edge2dexit.labels", GGUFValueType.STRING)  # class index order
+        TASK_PROMPT = _str("edge2dexit.task_prompt")
+        SPLITTER_KIND = _str("edge2dexit.splitter.kind")
+        SPLITTER_LANGUAGE = _str("edge2dexit.splitter.language")
+        HEAD_KIND = _str("edge2dexit.head.kind")  # one of HEAD_LINEARS
+        HEAD_HIDDEN_SIZE = _u32("edge2dexit.head.hidden_size")  # 0 for linear heads
+        INPUT_NORMALISATION = _str("edge2dexit.input_normalisation")
+        POOLINGS = _array("edge2dexit.poolings", GGUFValueType.STRING)  # the head sets present
+        DEFAULT_POLICY = _str("edge2dexit.default_policy")
+        CALIBRATION = _str("edge2dexit.calibration")  # JSON object, or ""
 
+    @staticmethod
+    def exit_layers(pooling: str) -> Key:
+        """The layers that have a head of this pooling."""
+        return _array(f"edge2dexit.{pooling}.exit_layers", GGUFValueType.UINT32)
 
-def exit_layers_key(pooling: str) -> str:
-    """uint32 array: the layers that have a head of this pooling."""
-    return f"edge2dexit.{pooling}.exit_layers"
+    POLICY_PREFIX = "edge2dexit.policy."
 
-
-def policy_key(name: str) -> str:
-    return Keys.Exits.POLICY_PREFIX + name
+    @staticmethod
+    def policy(name: str) -> Key:
+        """A policy's calibrated parameters, as a JSON object."""
+        return _str(Keys.POLICY_PREFIX + name)
 
 
 def policy_name(key: str) -> str | None:
     """The policy a key holds, or None when it is not a policy key (policies are found by prefix, not listed)."""
-    prefix = Keys.Exits.POLICY_PREFIX
-    return key[len(prefix):] if key.startswith(prefix) else None
+    return key[len(Keys.POLICY_PREFIX):] if key.startswith(Keys.POLICY_PREFIX) else None
 
 
 # A pooling name becomes part of key and tensor names: keep it a short identifier (llama.cpp caps tensor names at
@@ -92,3 +120,13 @@ def linear_tensors(pooling: str, layer: int, kind: str) -> tuple[tuple[str, str]
         (exit_tensor(pooling, layer, f"{stem}.weight"), exit_tensor(pooling, layer, f"{stem}.bias"))
         for stem in HEAD_LINEARS[kind]
     )
+
+
+def head_tensors(pooling: str, layer: int, kind: str) -> tuple[str, ...]:
+    """Every tensor name of one head."""
+    return norm_tensors(pooling, layer) + sum(linear_tensors(pooling, layer, kind), ())
+
+
+def layer_output(layer: int) -> bytes:
+    """llama.cpp's graph name of the output of layer `layer` (docs/llama-cpp.md §3), as the eval callback sees it."""
+    return f"l_out-{layer}".encode()

@@ -1,21 +1,25 @@
-"""Every ctypes detail of edge2dexit: the llama.cpp model, context, batch, and the eval-callback tap.
+"""Every ctypes detail of edge2dexit: the llama.cpp model, context and batch handles, and the eval-callback tap.
 
-Nothing outside this module touches ctypes or llama_cpp. The layer above (`engine.py`) sees plain Python
-and numpy: `Model.tokenize`, `Context.decode(...) -> {layer: rows}`, `Context.remove(...)`.
+Nothing outside this module touches ctypes or llama_cpp. The layer above (`engine`) sees plain Python and numpy:
+`Model.tokenize`, `Context.decode(spans, depth, ...) -> Decoded`, `Context.remove`, `Context.copy`. Each class owns
+one C handle and frees it through an ExitStack (`close()`, `with`, or garbage collection), as llama-cpp-python's
+`_internals` does. The llama.cpp backend starts lazily, once, when the first model loads.
 
-How a depth-limited decode works (NOTES.md §2, re-checked against the vendored llama.cpp 0c1e570):
-ggml's scheduler asks the eval callback, node by node, whether we want a tensor (ask=True); for the
-nodes we want it computes the graph up to there, synchronises and calls again with the data (ask=False).
-Returning False from that second call makes the scheduler skip the rest of the current split. On the CPU
-the whole graph is one split, so nothing after the node runs, `llama_decode` returns 0 and the KV cache
-keeps the positions, valid below the depth reached. The output layer (lm_head) comes after the last
-`l_out`, so stopping at any `l_out` never computes it.
+How a depth-limited decode works (docs/llama-cpp.md §1): ggml's scheduler asks the eval callback, node by node,
+whether we want a tensor (ask=True); for the nodes we want it computes the graph up to there, synchronises and
+calls again with the data (ask=False). Returning False from that second call makes the scheduler skip the rest of
+the current split. On the CPU the whole graph is one split, so nothing after the node runs, `llama_decode` returns
+0 and the KV cache keeps the positions, valid below the depth reached. The output layer (lm_head) comes after the
+last `l_out`, so stopping at any `l_out` never computes it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -25,8 +29,8 @@ import numpy as np
 import llama_cpp
 from llama_cpp._ggml import libggml
 
-from .errors import Edge2DExitError, ModelError
-from .keys import Keys
+from .errors import LlamaError, ModelError
+from .keys import Keys, layer_output
 
 
 # --- ggml structs and functions that llama_cpp does not bind -------------------------------------------
@@ -67,7 +71,7 @@ _ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_
 _ggml_backend_tensor_get.restype = None
 
 
-# --- logging: keep llama.cpp quiet, but remember its last errors for our messages ------------------------
+# --- logging and start-up: keep llama.cpp quiet, but remember its last errors for our messages ----------------
 
 _GGML_LOG_LEVEL_ERROR = 3
 _recent_errors: list[str] = []
@@ -83,40 +87,75 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         print(text.decode("utf-8", "replace"), end="", flush=True)
 
 
-llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-llama_cpp.llama_backend_init()
+_backend_lock = threading.Lock()
+_backend_started = False
+
+
+def _start_backend() -> None:
+    """Install our log callback and start llama.cpp's backend, once per process, before the first model."""
+    global _backend_started
+    with _backend_lock:
+        if not _backend_started:
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_started = True
 
 
 def _last_llama_error() -> str:
     return _recent_errors[-1] if _recent_errors else "no message from llama.cpp"
 
 
-class LlamaError(Edge2DExitError):
-    """llama.cpp refused an operation (decode failure, context creation failure)."""
+class _Handle:
+    """Owns C resources through an ExitStack: `close()` (or `with`, or garbage collection) frees them once."""
+
+    def __init__(self) -> None:
+        self._resources = ExitStack()
+
+    def close(self) -> None:
+        self._resources.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        resources = getattr(self, "_resources", None)
+        if resources is not None:
+            resources.close()
 
 
 # --- model ---------------------------------------------------------------------------------------------
 
 
-class Model:
-    """A GGUF model loaded by llama.cpp. Close it (or use `with`) to free its memory."""
+class Model(_Handle):
+    """A GGUF model loaded by llama.cpp."""
 
     def __init__(self, path: str | Path, n_gpu_layers: int = 0):
+        super().__init__()
+        _start_backend()
         self.path = Path(path)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        # No "extra" CPU buffer types (AMX, weight repacking): on CPUs with AMX, a llama.cpp built for the native
+        # CPU crashes in ggml_backend_amx_mul_mat on quantized weights, and the plain buffers are as fast for
+        # models this small (docs/llama-cpp.md §6).
+        params.use_extra_bufts = False
         _recent_errors.clear()
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self._model:
+        handle = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not handle:
             raise ModelError(f"llama.cpp could not load {self.path}: {_last_llama_error()}")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self.n_layer: int = llama_cpp.llama_model_n_layer(self._model)
-        self.n_embd: int = llama_cpp.llama_model_n_embd(self._model)
-        self.architecture: str = self.metadata(Keys.General.ARCHITECTURE)
+        self._resources.callback(llama_cpp.llama_model_free, handle)
+        self.handle = handle
+        self._vocab = llama_cpp.llama_model_get_vocab(handle)
+        self.n_layer: int = llama_cpp.llama_model_n_layer(handle)
+        self.n_embd: int = llama_cpp.llama_model_n_embd(handle)
+        self.architecture: str = self.metadata(Keys.General.ARCHITECTURE.name)
 
     def metadata(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        n = llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else ""
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
@@ -129,21 +168,14 @@ class Model:
             capacity = -n
             tokens = (llama_cpp.llama_token * capacity)()
             n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), tokens, capacity, add_bos, False)
-        return list(tokens[:n])
-
-    def close(self) -> None:
-        if self._model:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return tokens[:n]
 
 
 # --- the eval-callback tap -----------------------------------------------------------------------------
+
+# on_layer(layer, rows): called as each read layer is computed, with its rows [n_tokens, n_embd] in batch order;
+# returning True ends the decode after that layer.
+LayerHook = Callable[[int, np.ndarray], bool]
 
 
 class _LayerTap:
@@ -154,17 +186,15 @@ class _LayerTap:
         self.n_embd = n_embd
         self._wanted: dict[bytes, int | None] = {}  # tensor name -> layer to copy (None: stop there only)
         self._stop = b""
-        self._on_layer: Callable[[int, np.ndarray], bool] | None = None
+        self._on_layer: LayerHook | None = None
         self.rows: dict[int, list[np.ndarray]] = {}
         self.reached = 0
         self.error: BaseException | None = None
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
 
-    def arm(
-        self, read_layers: Sequence[int], stop_layer: int, on_layer: Callable[[int, np.ndarray], bool] | None
-    ) -> None:
-        self._wanted = {f"l_out-{layer}".encode(): layer for layer in read_layers}
-        self._stop = f"l_out-{stop_layer}".encode()
+    def arm(self, read_layers: Sequence[int], stop_layer: int, on_layer: LayerHook | None) -> None:
+        self._wanted = {layer_output(layer): layer for layer in read_layers}
+        self._stop = layer_output(stop_layer)
         self._wanted.setdefault(self._stop, None)
         self._on_layer = on_layer
         self.rows = {layer: [] for layer in read_layers}
@@ -205,28 +235,41 @@ class _LayerTap:
 
 @dataclass(frozen=True)
 class ContextSettings:
-    n_ctx: int = 2048
-    n_threads: int | None = None  # None: all cores llama.cpp detects
-    n_batch: int = 512
-    tap: bool = True  # False: no eval callback at all (full-depth decodes only; the benchmark's baseline)
+    n_ctx: int = 2048  # KV cells of every sequence together
+    n_seq: int = 1  # sequences (documents) the context holds at once
+    n_batch: int = 512  # tokens in one graph; a decode that may stop inside the graph must fit in one
+    n_threads: int | None = None  # None: llama.cpp's default
+    tap: bool = True  # False: no eval callback at all (full-depth decodes only; the benchmarks' baseline)
+
+
+class Span(NamedTuple):
+    """Tokens of one sequence at consecutive positions from `start`."""
+
+    seq: int
+    start: int
+    tokens: Sequence[int]
 
 
 class Decoded(NamedTuple):
-    rows: dict[int, np.ndarray]  # layer -> [n_tokens, n_embd] float32, for the layers read
+    rows: dict[int, np.ndarray]  # layer -> [n_tokens, n_embd] float32 in span order, for the layers read
     depth: int  # layers computed: the depth asked for, or less where on_layer stopped the graph
 
 
-class Context:
-    """One llama.cpp context with a single sequence (seq 0) and an eval-callback tap."""
+class Context(_Handle):
+    """One llama.cpp context with `n_seq` sequences and an eval-callback tap."""
 
     def __init__(self, model: Model, settings: ContextSettings = ContextSettings()):
+        super().__init__()
         self.model = model
         self.settings = settings
         self.tap = _LayerTap(model.n_embd)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = settings.n_ctx
         params.n_batch = params.n_ubatch = min(settings.n_batch, settings.n_ctx)
-        params.n_seq_max = 1
+        params.n_seq_max = settings.n_seq
+        # One KV buffer for every sequence: llama.cpp then splits a batch into graphs in batch order, of n_ubatch
+        # tokens (docs/llama-cpp.md §4), which a stop inside the graph and our row bookkeeping rely on.
+        params.kv_unified = True
         # llama.cpp reserves an n_batch × n_vocab logits tensor; we never compute it, so its pages are never
         # touched and cost address space, not memory.
         params.embeddings = False
@@ -237,79 +280,95 @@ class Context:
         if settings.tap:
             params.cb_eval = self.tap.callback
         _recent_errors.clear()
-        self._ctx = llama_cpp.llama_init_from_model(model._model, params)
-        if not self._ctx:
+        handle = llama_cpp.llama_init_from_model(model.handle, params)
+        if not handle:
             raise LlamaError(f"llama.cpp could not create a context of {settings.n_ctx} tokens: {_last_llama_error()}")
-        self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
-        self.n_batch: int = llama_cpp.llama_n_batch(self._ctx)
+        self._resources.callback(llama_cpp.llama_free, handle)
+        self._ctx = handle
+        self._memory = llama_cpp.llama_get_memory(handle)
+        self.n_ctx: int = llama_cpp.llama_n_ctx(handle)
+        self.n_batch: int = llama_cpp.llama_n_batch(handle)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.decode_seconds = 0.0  # time spent inside llama_decode, for the overhead figures of the benchmarks
+        self._resources.callback(llama_cpp.llama_batch_free, self._batch)
 
     def decode(
         self,
-        tokens: Sequence[int],
-        start_pos: int,
+        spans: Sequence[Span],
         depth: int,
         read_layers: Sequence[int],
-        on_layer: Callable[[int, np.ndarray], bool] | None = None,
-    ) -> "Decoded":
-        """Decode `tokens` at positions start_pos.. of seq 0, computing layers 0..depth-1 only.
+        on_layer: LayerHook | None = None,
+    ) -> Decoded:
+        """Decode `spans` (each at its own sequence and positions), computing layers 0..depth-1 only.
 
-        Returns the rows [n_tokens, n_embd] float32 of each layer in `read_layers` (all < depth).
-        `on_layer(layer, rows)` is called as each read layer is computed; returning True stops the graph
-        right there (the KV of these positions is then valid below that layer + 1). Early stops need the
-        tokens to fit one decode (n_batch).
-        Reading the last layer flags every token as an output, because llama.cpp keeps only output rows
-        in the last layer; the graph still stops before the output layer.
+        Returns the rows [n_tokens, n_embd] float32 of each layer in `read_layers` (all < depth), in span order.
+        `on_layer(layer, rows)` is called as each read layer is computed; returning True stops the graph right
+        there (the KV of these positions is then valid below that layer + 1). A decode with `on_layer` must fit
+        one graph (n_batch tokens); longer ones are decoded in graphs of n_batch tokens.
+        Reading the last layer flags every token as an output, because llama.cpp keeps only output rows in the
+        last layer; the graph still stops before the output layer.
         """
         n_layer = self.model.n_layer
+        n_tokens = sum(len(s.tokens) for s in spans)
         if not 1 <= depth <= n_layer:
             raise ValueError(f"depth must be in 1..{n_layer}, got {depth}")
         if any(not 0 <= layer < depth for layer in read_layers):
             raise ValueError(f"layers to read must be below the depth {depth}: {sorted(read_layers)}")
         if not self.settings.tap and (depth != n_layer or read_layers):
             raise ValueError("a context without the eval tap can only decode at full depth, reading nothing")
-        if on_layer is not None and len(tokens) > self.n_batch:
-            raise ValueError(f"an early stop needs the tokens in one decode of at most {self.n_batch}")
+        if on_layer is not None and n_tokens > self.n_batch:
+            raise ValueError(f"an early stop needs the tokens in one graph of at most {self.n_batch}, got {n_tokens}")
         outputs = n_layer - 1 in read_layers
         self.tap.arm(read_layers, depth - 1, on_layer)
-        for first in range(0, len(tokens), self.n_batch):
-            self._decode_chunk(tokens[first : first + self.n_batch], start_pos + first, outputs)
+        for chunk in _chunks(spans, self.n_batch):
+            self._decode_chunk(chunk, outputs)
         rows = {layer: np.concatenate(blocks) for layer, blocks in self.tap.rows.items() if blocks}
         return Decoded(rows, self.tap.reached)
 
-    def _decode_chunk(self, tokens: Sequence[int], start_pos: int, outputs: bool) -> None:
-        batch = self._batch
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = start_pos + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = outputs
+    def _decode_chunk(self, spans: list[Span], outputs: bool) -> None:
+        batch, i = self._batch, 0
+        for seq, start, tokens in spans:
+            for offset, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = start + offset
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = outputs
+                i += 1
+        batch.n_tokens = i
         _recent_errors.clear()
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, batch)
+        self.decode_seconds += time.perf_counter() - started
         if self.tap.error is not None:
             raise self.tap.error
         if status != 0:
             raise LlamaError(f"llama_decode failed with status {status}: {_last_llama_error()}")
 
-    def remove(self, start_pos: int, end_pos: int = -1) -> None:
-        """Forget positions [start_pos, end_pos) of seq 0 (end_pos -1: to the end)."""
-        if not llama_cpp.llama_memory_seq_rm(self._memory, 0, start_pos, end_pos):
-            raise LlamaError(f"llama.cpp could not remove positions {start_pos}..{end_pos} from its cache")
+    def remove(self, seq: int, start: int = 0, end: int = -1) -> None:
+        """Forget positions [start, end) of sequence `seq` (end -1: to the end)."""
+        if not llama_cpp.llama_memory_seq_rm(self._memory, seq, start, end):
+            raise LlamaError(f"llama.cpp could not remove positions {start}..{end} of sequence {seq} from its cache")
 
-    def close(self) -> None:
-        if self._ctx:
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
+    def copy(self, source: int, destination: int) -> None:
+        """Make every cached position of `source` part of `destination` too (shared cells, no recompute)."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, destination, -1, -1)
 
-    def __enter__(self) -> "Context":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+def _chunks(spans: Sequence[Span], size: int) -> list[list[Span]]:
+    """`spans` cut into consecutive chunks of at most `size` tokens (a span may be cut in two)."""
+    chunks: list[list[Span]] = []
+    room = 0
+    for seq, start, tokens in spans:
+        while tokens:
+            if room == 0:
+                chunks.append([])
+                room = size
+            head, tokens = tokens[:room], tokens[room:]
+            chunks[-1].append(Span(seq, start, head))
+            start += len(head)
+            room -= len(head)
+    return chunks
 
 
 # --- quantization --------------------------------------------------------------------------------------
@@ -321,7 +380,8 @@ QUANT_TYPES = {"f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "q4_0": llama_cpp.LLAMA_
 def quantize(source: str | Path, destination: str | Path, kind: str, n_threads: int | None = None) -> None:
     """Re-quantize a GGUF with llama.cpp's own quantizer (already-quantized input allowed)."""
     if kind not in QUANT_TYPES:
-        raise ModelError(f"unknown quantization {kind!r}; choose one of {', '.join(QUANT_TYPES)} (or keep)")
+        raise ModelError(f"unknown quantization {kind!r}; choose one of {', '.join(QUANT_TYPES)}")
+    _start_backend()
     # LLAMA_API uint32_t llama_model_quantize(const char * fname_inp, const char * fname_out,
     #                                         const llama_model_quantize_params * params);
     params = llama_cpp.llama_model_quantize_default_params()

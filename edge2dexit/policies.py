@@ -1,45 +1,43 @@
-"""Exit policies: what to read, how deep, and when to stop. Pure decisions over states; no ctypes.
+"""Exit policies: what to read, how deep, and when to stop. Pure decisions over states: a policy composes the
+readings of a `document.Document` and never sees what computes them (llama.cpp, stored states, a fake).
 
-Every policy drives the same `engine.Document` and returns a `Decision`; the document counts what was
-really computed (token-layers, and the paper's operations), so costs are never estimated here.
+Every policy returns a `Decision`; the document counts what was really computed (token-layers, and the paper's
+operations), so costs are never estimated here. Layers are 0-based everywhere: a policy that exits at `layer`
+computes layers 0..layer, i.e. a depth of layer + 1.
 
 - `full`: the whole text in one decode at full depth; the last layer's sentence head on the last sentence.
-- `layer`: the whole text in one decode; the sentence head on the last sentence (the paper's layer-wise
-  baseline) or the prefix head on the mean of all sentences (`pooling="prefix"`), either at a fixed calibrated
-  layer, or at the first layer whose margin clears a threshold (the decode stops inside the graph there).
-- `sentence`: sentence by sentence at full depth, the paper's accumulation rule on the last layer's head.
-- `paper2d`: Algorithm 1 of arXiv 2604.18592 exactly (Δ = max(1, ⌊L/m⌋), τ_ignore, τ_acc, accumulation in
-  the paper's cell order, fallback to the last sentence at the last layer). Deepening earlier sentences means
-  re-decoding them (the only exact way on one KV cache), and that cost is paid and counted. Each cell is
-  classified as its layer is computed, so a decode stops inside the graph at the cell that fires.
-- `ours` — *prefix*: extend the text at one fixed depth D, never deepen what was read. The KV cache makes
-  reading the next sentence cost only that sentence's tokens × D layers, while deepening costs the whole
-  prefix again (NOTES.md §6: the paper's schedule, 3.5× in its own operations, is 0.92× in real token-layers).
-  Evidence is accumulated in embedding space, not as summed votes: the running mean of the sentences'
-  mean states at layer D-1 is what the head reads (a head trained on prefix means), and the text stops as
-  soon as that head's margin clears τ after at least `min_sentences`. If the text ends first, the prefix
-  head answers on the whole text; optionally (`deepen_depth`, `deepen_below`) a low-margin answer pays for
-  one re-read at a deeper layer. It needs no sentence count up front, so it streams: each sentence that
-  arrives is one decode, and a decision comes out as soon as it is confident. On a one-sentence text it
-  costs one decode at depth D; calibration picks D no deeper than the best static exit layer + 1, so it is
-  never more expensive than `layer` there.
+- `layer`: the whole text in one decode; the sentence head on the last sentence (the paper's layer-wise baseline)
+  or the prefix head on the mean of all sentences (`pooling="prefix"`), either at a fixed calibrated layer, or at
+  the first layer whose margin clears a threshold (the decode stops inside the graph there).
+- `sentence-vote`: sentence by sentence at full depth, the paper's accumulation of votes on the last layer's head.
+- `paper2d`: Algorithm 1 of arXiv 2604.18592 exactly (Δ = max(1, ⌊L/m⌋), τ_ignore, τ_acc, accumulation in the
+  paper's cell order, fallback to the last sentence at the last layer). Deepening earlier sentences means
+  re-decoding them (the only exact way on one KV cache), and that cost is paid and counted. Each cell is classified
+  as its layer is computed, so a decode stops inside the graph at the cell that fires.
+- `prefix-mean`: extend the text at one fixed layer, never deepen what was read. The KV cache makes reading the next
+  sentence cost only that sentence's tokens × (layer + 1), while deepening costs the whole prefix again (the paper's
+  schedule, 3.5× in its own operations, was 0.92× in real token-layers: docs/measurements.md). Evidence is
+  accumulated in embedding space, not as summed votes: the running mean of the sentences' mean states at that layer
+  is what the prefix head reads, and reading stops as soon as its margin clears τ after at least `min_sentences`.
+  If the text ends first, the prefix head answers on the whole text; optionally (`deepen_layer`, `deepen_below`) a
+  low-margin answer pays for one re-read at a deeper layer. It needs no sentence count up front, so it streams:
+  each sentence that arrives is one decode, and a decision comes out as soon as it is confident. On a one-sentence
+  text it costs one decode at its layer; calibration picks a layer no deeper than the best static exit layer + 1,
+  so it is never more expensive than `layer` there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping
 
 import numpy as np
 
-from .engine import Document, SentenceStates
+from .document import Document, Reading, SentenceMeans, Tokens
 from .errors import BundleError
-from .heads import ExitHeads, margin
+from .heads import ExitHeads, Pooling, margin, whole_text_input
 
-POLICIES = ("full", "layer", "sentence", "paper2d", "ours")
-SENTENCE, PREFIX = "sentence", "prefix"  # the head sets: on one sentence's mean, on the running prefix mean
-
-Tokens = Sequence[int]
+POLICIES = ("full", "layer", "sentence-vote", "paper2d", "prefix-mean")
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,12 @@ class Accumulator:
                 self.winner = label
         return self.winner is not None
 
+    def decision(self, sentence: int, layer: int, read: int) -> Decision:
+        """The winning class gets its share of the accumulated confidence."""
+        total = self.totals.sum()
+        scores = self.totals / total if total > 0 else np.eye(len(self.totals))[self.winner]
+        return Decision(scores, sentence, layer, read, fired=True)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -92,9 +96,10 @@ def paper2d_steps(n_sentences: int, n_layer: int) -> list[Step]:
 class Policy:
     """Reads a tokenized document through `doc` and decides. Subclasses set `name`."""
 
-    name = ""
+    name: ClassVar[str]
 
-    def run(self, doc: Document, sentences: Sequence[Tokens]) -> Decision:
+    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
+        """Read `sentences` (pulled only as far as needed) and decide."""
         raise NotImplementedError
 
     def stream(self, doc: Document) -> "PolicyStream":
@@ -103,10 +108,10 @@ class Policy:
 
 
 class PolicyStream:
-    def feed(self, sentence: Tokens) -> Decision | None:
+    def feed(self, sentence: Tokens) -> Reading[Decision | None]:
         raise NotImplementedError
 
-    def finish(self) -> Decision:
+    def finish(self) -> Reading[Decision]:
         raise NotImplementedError
 
 
@@ -114,23 +119,24 @@ class _BufferedStream(PolicyStream):
     def __init__(self, policy: Policy, doc: Document):
         self.policy, self.doc, self.sentences = policy, doc, []
 
-    def feed(self, sentence: Tokens) -> None:
+    def feed(self, sentence: Tokens) -> Reading[None]:
+        yield from ()  # asks for nothing: the policy reads at finish()
         self.sentences.append(sentence)
 
-    def finish(self) -> Decision:
-        return self.policy.run(self.doc, self.sentences)
+    def finish(self) -> Reading[Decision]:
+        return (yield from self.policy.read(self.doc, self.sentences))
 
 
 class _IncrementalPolicy(Policy):
     """A policy that reads sentence by sentence runs as its own stream."""
 
-    def run(self, doc: Document, sentences: Sequence[Tokens]) -> Decision:
+    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
         stream = self.stream(doc)
         for sentence in sentences:
-            decision = stream.feed(sentence)
+            decision = yield from stream.feed(sentence)
             if decision is not None:
                 return decision
-        return stream.finish()
+        return (yield from stream.finish())
 
 
 class Full(Policy):
@@ -140,8 +146,9 @@ class Full(Policy):
         self.heads, self.layer = heads, n_layer - 1
         heads.head(self.layer)  # fail at construction if the bundle has no head there
 
-    def run(self, doc: Document, sentences: Sequence[Tokens]) -> Decision:
-        states = doc.append(sentences, self.layer + 1, layers=[self.layer])
+    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
+        sentences = list(sentences)
+        states = yield from doc.append(sentences, self.layer + 1, layers=[self.layer])
         p = self.heads.proba(self.layer, states[-1].at(self.layer))
         return Decision(p, len(sentences) - 1, self.layer, len(sentences), fired=False)
 
@@ -155,7 +162,7 @@ class Layer(Policy):
         n_layer: int,
         layer: int | None = None,
         threshold: float | None = None,
-        pooling: str = SENTENCE,
+        pooling: str = Pooling.SENTENCE,
     ):
         if (layer is None) == (threshold is None):
             raise BundleError("the layer policy takes either a fixed `layer` or a margin `threshold`, not both")
@@ -166,61 +173,53 @@ class Layer(Policy):
         if layer is not None:
             self.heads.head(layer)
 
-    def _text_input(self, means: np.ndarray) -> np.ndarray:
-        """The paper's input: the last sentence's mean; or, pooled, the mean over all sentences."""
-        return means[-1] if self.pooling == SENTENCE else means.mean(axis=0)
-
-    def run(self, doc: Document, sentences: Sequence[Tokens]) -> Decision:
+    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
+        sentences = list(sentences)
         last = len(sentences) - 1
         if self.layer is not None:
-            states = doc.append(sentences, self.layer + 1, layers=[self.layer])
-            p = self.heads.proba(self.layer, self._text_input(np.stack([s.at(self.layer) for s in states])))
-            return Decision(p, last, self.layer, len(sentences), fired=True)
+            states = yield from doc.append(sentences, self.layer + 1, layers=[self.layer])
+            text = whole_text_input(self.pooling, np.stack([s.at(self.layer) for s in states]))
+            return Decision(self.heads.proba(self.layer, text), last, self.layer, len(sentences), fired=True)
         seen: list[tuple[int, np.ndarray]] = []
 
         def confident(layer: int, means: np.ndarray) -> bool:
-            seen.append((layer, self.heads.proba(layer, self._text_input(means))))
+            seen.append((layer, self.heads.proba(layer, whole_text_input(self.pooling, means))))
             return float(margin(seen[-1][1])) >= self.threshold
 
-        doc.append(sentences, self.n_layer, layers=self.heads.layers, stop=confident)
+        yield from doc.append(sentences, self.n_layer, layers=self.heads.layers, stop=confident)
         layer, p = seen[-1]
         return Decision(p, last, layer, len(sentences), fired=float(margin(p)) >= self.threshold)
 
 
-class Sentence(_IncrementalPolicy):
-    name = "sentence"
+class SentenceVote(_IncrementalPolicy):
+    name = "sentence-vote"
 
     def __init__(self, heads: ExitHeads, n_layer: int, tau_ignore: float, tau_acc: float):
         self.heads, self.layer, self.tau_ignore, self.tau_acc = heads, n_layer - 1, tau_ignore, tau_acc
         heads.head(self.layer)
 
     def stream(self, doc: Document) -> PolicyStream:
-        return _SentenceStream(self, doc)
+        return _SentenceVoteStream(self, doc)
 
 
-class _SentenceStream(PolicyStream):
-    def __init__(self, policy: Sentence, doc: Document):
+class _SentenceVoteStream(PolicyStream):
+    def __init__(self, policy: SentenceVote, doc: Document):
         self.policy, self.doc = policy, doc
-        self.acc = Accumulator(policy.heads.n_classes, policy.tau_ignore, policy.tau_acc)
+        self.votes = Accumulator(policy.heads.n_classes, policy.tau_ignore, policy.tau_acc)
         self.last: np.ndarray | None = None
 
-    def feed(self, sentence: Tokens) -> Decision | None:
+    def feed(self, sentence: Tokens) -> Reading[Decision | None]:
         layer = self.policy.layer
-        (states,) = self.doc.append([sentence], layer + 1, layers=[layer])
+        (states,) = yield from self.doc.append([sentence], layer + 1, layers=[layer])
         self.last = self.policy.heads.proba(layer, states.at(layer))
-        if self.acc.add(self.last):
-            return _won(self.acc, states.index, layer, self.doc.n_sentences)
+        if self.votes.add(self.last):
+            return self.votes.decision(states.index, layer, self.doc.n_sentences)
         return None
 
-    def finish(self) -> Decision:
+    def finish(self) -> Reading[Decision]:
+        yield from ()
         n = self.doc.n_sentences
         return Decision(self.last, n - 1, self.policy.layer, n, fired=False)
-
-
-def _won(acc: Accumulator, sentence: int, layer: int, read: int) -> Decision:
-    """A decision from the accumulator: the winning class gets its share of the accumulated confidence."""
-    scores = acc.totals / acc.totals.sum()
-    return Decision(scores, sentence, layer, read, fired=True)
 
 
 class Paper2D(Policy):
@@ -230,111 +229,113 @@ class Paper2D(Policy):
         self.heads, self.n_layer, self.tau_ignore, self.tau_acc = heads, n_layer, tau_ignore, tau_acc
         heads.head(n_layer - 1)
 
-    def run(self, doc: Document, sentences: Sequence[Tokens]) -> Decision:
-        acc = Accumulator(self.heads.n_classes, self.tau_ignore, self.tau_acc)
+    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
+        sentences = list(sentences)
+        votes = Accumulator(self.heads.n_classes, self.tau_ignore, self.tau_acc)
         fired: list[int] = []  # the layer of the cell that won; its decode stops right there
 
         def classify(layer: int, means: np.ndarray) -> bool:
-            if layer in self.heads.layers and acc.add(self.heads.proba(layer, means[0])):
+            if layer in self.heads.layers and votes.add(self.heads.proba(layer, means[0])):
                 fired.append(layer)
             return bool(fired)
 
-        last: SentenceStates | None = None
+        last: SentenceMeans | None = None
         for step in paper2d_steps(len(sentences), self.n_layer):
             earlier = range(step.earlier_from, step.depth)
             if step.sentence and len(earlier):
-                for states in doc.deepening(step.depth, layers=earlier, stop=classify):
+                while (states := (yield from doc.deepen_next(step.depth, earlier, classify))) is not None:
                     if fired:
-                        return _won(acc, states.index, fired[0], doc.n_sentences)
-            (last,) = doc.append([sentences[step.sentence]], step.depth, stop=classify)
+                        return votes.decision(states.index, fired[0], doc.n_sentences)
+            (last,) = yield from doc.append([sentences[step.sentence]], step.depth, stop=classify)
             if fired:
-                return _won(acc, step.sentence, fired[0], doc.n_sentences)
+                return votes.decision(step.sentence, fired[0], doc.n_sentences)
         top = self.n_layer - 1
         if last.depth < self.n_layer:  # the fallback needs the last sentence at the last layer
-            last = doc.deepen(self.n_layer, layers=[top])[-1]
+            last = (yield from doc.deepen(self.n_layer, layers=[top]))[-1]
         p = self.heads.proba(top, last.at(top))
         return Decision(p, len(sentences) - 1, top, len(sentences), fired=False)
 
 
-class Ours(_IncrementalPolicy):
-    name = "ours"
+class PrefixMean(_IncrementalPolicy):
+    name = "prefix-mean"
 
     def __init__(
         self,
         heads: ExitHeads,
         n_layer: int,
-        depth: int,
+        layer: int,
         threshold: float,
         min_sentences: int = 1,
-        deepen_depth: int | None = None,
+        deepen_layer: int | None = None,
         deepen_below: float = 0.0,
     ):
-        if not 1 <= depth <= n_layer:
-            raise BundleError(f"the ours policy's depth {depth} is outside 1..{n_layer}")
-        self.heads, self.depth, self.threshold, self.min_sentences = heads, depth, threshold, min_sentences
-        self.deepen_depth, self.deepen_below = deepen_depth, deepen_below
-        heads.head(depth - 1)
-        if deepen_depth is not None:
-            heads.head(deepen_depth - 1)
+        if not 0 <= layer < n_layer:
+            raise BundleError(f"the prefix-mean policy's layer {layer} is outside 0..{n_layer - 1}")
+        self.heads, self.layer, self.threshold, self.min_sentences = heads, layer, threshold, min_sentences
+        self.deepen_layer, self.deepen_below = deepen_layer, deepen_below
+        heads.head(layer)
+        if deepen_layer is not None:
+            heads.head(deepen_layer)
 
     def stream(self, doc: Document) -> PolicyStream:
-        return _OursStream(self, doc)
+        return _PrefixMeanStream(self, doc)
 
 
-class _OursStream(PolicyStream):
-    def __init__(self, policy: Ours, doc: Document):
+class _PrefixMeanStream(PolicyStream):
+    def __init__(self, policy: PrefixMean, doc: Document):
         self.policy, self.doc = policy, doc
-        self.layer = policy.depth - 1
         self.total = np.zeros(policy.heads.n_embd, dtype=np.float64)
         self.p: np.ndarray | None = None
         self.pending: list[Tokens] = []
 
-    def feed(self, sentence: Tokens) -> Decision | None:
+    def feed(self, sentence: Tokens) -> Reading[Decision | None]:
         # No decision can come before min_sentences: read those in one decode (one llama.cpp call costs
         # ~10 ms on top of its compute), then one decode per sentence.
         self.pending.append(sentence)
         if self.doc.n_sentences + len(self.pending) < self.policy.min_sentences:
             return None
-        return self._read()
+        return (yield from self._read())
 
-    def _read(self) -> Decision | None:
-        states = self.doc.append(self.pending, self.policy.depth, layers=[self.layer])
+    def _read(self) -> Reading[Decision | None]:
+        layer = self.policy.layer
+        states = yield from self.doc.append(self.pending, layer + 1, layers=[layer])
         self.pending = []
-        self.total += np.sum([s.at(self.layer) for s in states], axis=0)
+        for s in states:  # one sentence at a time, as `heads.running_means` sums them
+            self.total += s.at(layer)
         n = self.doc.n_sentences
-        self.p = self.policy.heads.proba(self.layer, (self.total / n).astype(np.float32))
+        self.p = self.policy.heads.proba(layer, (self.total / n).astype(np.float32))
         if n >= self.policy.min_sentences and float(margin(self.p)) >= self.policy.threshold:
-            return Decision(self.p, n - 1, self.layer, n, fired=True)
+            return Decision(self.p, n - 1, layer, n, fired=True)
         return None
 
-    def finish(self) -> Decision:
+    def finish(self) -> Reading[Decision]:
         if self.pending:  # a text shorter than min_sentences
-            decision = self._read()
+            decision = yield from self._read()
             if decision is not None:
                 return decision
         n, policy = self.doc.n_sentences, self.policy
-        if policy.deepen_depth is not None and float(margin(self.p)) < policy.deepen_below:
-            layer = policy.deepen_depth - 1
-            states = self.doc.deepen(policy.deepen_depth, layers=[layer])
+        if policy.deepen_layer is not None and float(margin(self.p)) < policy.deepen_below:
+            layer = policy.deepen_layer
+            states = yield from self.doc.deepen(layer + 1, layers=[layer])
             if len(states) == n:  # every sentence was re-read at the deeper layer
-                prefix = np.mean([s.at(layer) for s in states], axis=0).astype(np.float32)
-                return Decision(policy.heads.proba(layer, prefix), n - 1, layer, n, fired=False)
-        return Decision(self.p, n - 1, self.layer, n, fired=False)
+                text = whole_text_input(Pooling.PREFIX, np.stack([s.at(layer) for s in states]))
+                return Decision(policy.heads.proba(layer, text), n - 1, layer, n, fired=False)
+        return Decision(self.p, n - 1, policy.layer, n, fired=False)
 
 
 def make_policy(name: str, heads: Mapping[str, ExitHeads], n_layer: int, params: Mapping[str, Any]) -> Policy:
     """The policy `name` with its calibrated parameters (from the bundle, or given by the user)."""
     try:
         if name == "full":
-            return Full(heads[SENTENCE], n_layer)
+            return Full(heads[Pooling.SENTENCE], n_layer)
         if name == "layer":
             return Layer(heads, n_layer, **params)
-        if name == "sentence":
-            return Sentence(heads[SENTENCE], n_layer, **params)
+        if name == "sentence-vote":
+            return SentenceVote(heads[Pooling.SENTENCE], n_layer, **params)
         if name == "paper2d":
-            return Paper2D(heads[SENTENCE], n_layer, **params)
-        if name == "ours":
-            return Ours(heads[PREFIX], n_layer, **params)
+            return Paper2D(heads[Pooling.SENTENCE], n_layer, **params)
+        if name == "prefix-mean":
+            return PrefixMean(heads[Pooling.PREFIX], n_layer, **params)
     except KeyError as exc:
         raise BundleError(f"the {name} policy needs {exc.args[0]} exit heads, which this bundle does not have") from None
     except TypeError as exc:

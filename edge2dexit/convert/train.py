@@ -1,10 +1,10 @@
 """Training the exit heads on stored features: one small classifier per layer and pooling, exported as numpy
 `ExitHeads` that the runtime evaluates without torch.
 
-Two poolings, matching what the runtime reads (NOTES.md §1, §6):
+Two poolings (`heads.Pooling`), matching what the runtime reads:
 - "sentence": one sentence's mean state, labelled with its document's label (the paper's adapter target);
-- "prefix": the running mean of the first k sentence means, for every k (what the `ours` policy reads as the
-  text streams in; NOTES.md §6 found evidence accumulated in embedding space beats summed sentence votes).
+- "prefix": the running mean of the first k sentence means, for every k (what the `prefix-mean` policy reads as
+  the text streams in; evidence accumulated in embedding space beat summed sentence votes: docs/measurements.md).
 
 Each layer's head is trained on its own: inputs standardised with the training set's mean and std (residual
 streams reach norms of 35,000 in Gemma), a class-weighted cross-entropy so an unbalanced set does not buy
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -27,35 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..heads import ExitHead, ExitHeads
-from ..keys import HEAD_LINEARS
-from ..policies import PREFIX, SENTENCE
+from ..heads import ExitHead, ExitHeads, Pooling, running_means
 from .features import FeatureStore
-
-POOLINGS = (SENTENCE, PREFIX)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    kind: str = "mlp"  # "mlp": the paper's adapter Linear(d→hidden) + ReLU + Linear(hidden→C); or "linear"
-    hidden: int = 256
-    epochs: int = 60  # at most; early stopping usually ends sooner
-    batch: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 6  # epochs without a better validation loss before stopping
-    validation_fraction: float = 0.15  # of the documents of each class
-    seed: int = 0
-    layers: tuple[int, ...] | None = None  # None: every layer
-    threads: int | None = None  # torch intra-op threads; None leaves torch's setting alone
-
-    def __post_init__(self) -> None:
-        if self.kind not in HEAD_LINEARS:
-            raise ValueError(f"unknown head kind {self.kind!r}; expected one of {', '.join(HEAD_LINEARS)}")
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {self.validation_fraction}")
-        if min(self.hidden, self.epochs, self.batch, self.patience) < 1:
-            raise ValueError("hidden, epochs, batch and patience must all be at least 1")
+from .settings import TrainSettings
 
 
 def inputs(
@@ -67,8 +40,8 @@ def inputs(
     Both poolings give one example per sentence: for "prefix", the example at sentence k of a document is the
     mean of that document's sentence means 0..k, the value the runtime's running sum divided by k + 1 gives.
     """
-    if pooling not in POOLINGS:
-        raise InputError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    if pooling not in Pooling.ALL:
+        raise InputError(f"unknown pooling {pooling!r}; expected one of {', '.join(Pooling.ALL)}")
     docs = np.asarray(docs, dtype=np.int64)
     starts, counts = store.offsets[docs], np.diff(store.offsets)[docs]
     first = np.repeat(np.cumsum(counts) - counts, counts)  # position of each example's first sentence in X
@@ -76,10 +49,8 @@ def inputs(
     rows = np.repeat(starts, counts) + within
     x = np.asarray(store.states[rows, layer], dtype=np.float32)
     doc_index = np.repeat(docs, counts)
-    if pooling == PREFIX:
-        # float64 running sums: one cumsum over all documents, minus the sum before each document's start
-        total = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(x, axis=0, dtype=np.float64)])
-        x = ((total[1:] - total[first]) / (within + 1)[:, None]).astype(np.float32)
+    if pooling == Pooling.PREFIX:
+        x = running_means(x, first)
     return x, store.labels[doc_index], doc_index
 
 

@@ -1,0 +1,68 @@
+"""`edge2dexit bench ...`: benchmarks that print ratios measured in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import InputError
+from .app import bench_app, friendly, read_text
+from .options import THREADS
+
+
+@bench_app.command("engine")
+@friendly
+def bench_engine(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or GGUF path."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Text to read (default: a built-in ~190-token review)."),
+    rounds: int = typer.Option(7, "--rounds", min=1, help="Interleaved rounds; medians are reported."),
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Depth-limited decode vs full depth, eval-callback overhead, and the sentence splitter's share."""
+    from ..bench import SAMPLE_TEXT, engine_benchmark, format_engine_benchmark
+    from ..models.registry import resolve_model
+
+    body = read_text(str(text)) if text else SAMPLE_TEXT.read_text()
+    typer.echo(format_engine_benchmark(engine_benchmark(resolve_model(model), body, rounds, threads)))
+
+
+@bench_app.command("throughput")
+@friendly
+def bench_throughput(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="The bundle to read batched (default: built-in)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="The bundle read one document at a time "
+                                                                     "(default: the same bundle)."),
+    docs: int = typer.Option(200, "--docs", min=1, help="Documents of the bundle's test split to read."),
+    widths: str = typer.Option("1,2,4,8,16", "--widths", help="Comma-separated documents in flight."),
+    extraction_docs: int = typer.Option(40, "--extraction-docs", min=1, help="Documents for the feature-extraction timing."),
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Docs/s and accuracy of `full` and the default policy: baseline one at a time vs the bundle at each width."""
+    from ..classifier import DEFAULT_BUNDLE
+    from ..bundle import load_bundle
+    from ..convert.data import DataSettings, make_splits
+    from ..throughput import throughput_benchmark
+
+    try:
+        sizes = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{widths!r} is not a comma-separated list of numbers", param_hint="--widths") from None
+    def splits(path: Optional[Path]):
+        recorded = load_bundle(path or DEFAULT_BUNDLE).calibration.get("data")
+        if not recorded:
+            raise InputError(f"{path or DEFAULT_BUNDLE} does not say which data it was built from, so it has no "
+                             "test split to read")
+        return make_splits(DataSettings(**recorded))
+
+    # The bundle's test split, less anything the baseline bundle was trained or calibrated on.
+    test, seen = splits(bundle).test, set()
+    if baseline is not None and baseline != bundle:
+        base = splits(baseline)
+        seen = set(base.train.texts) | set(base.calibration.texts)
+    kept = [(t, test.label_names[y]) for t, y in zip(test.texts, test.labels) if t not in seen][:docs]
+    texts, labels = [t for t, _ in kept], [y for _, y in kept]
+    result = throughput_benchmark(baseline or bundle, bundle, texts, labels, sizes, extraction_docs=extraction_docs,
+                                  n_threads=threads)
+    typer.echo(result.table())

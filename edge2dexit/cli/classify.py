@@ -1,0 +1,141 @@
+"""`edge2dexit classify`: one or many texts, one line (or one JSON object) per text."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator, List, Optional, TextIO
+
+import typer
+from tqdm import tqdm
+
+from ..errors import Edge2DExitError
+from .app import app, friendly
+from .inputs import Item, iter_items
+from .options import GPU_LAYERS, N_CTX, POLICY, THREADS, WIDTH, engine_settings
+
+
+@app.command()
+@friendly
+def classify(
+    inputs: List[str] = typer.Argument(..., help="Text files, directories of *.txt, tables (.csv .tsv .jsonl: one "
+                                                 "text per row) or '-' for standard input."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle directory or exits.gguf (default: the built-in sentiment bundle)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: registry name or GGUF path (default: the bundle's)."),
+    policy: Optional[str] = POLICY,
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per text, one per line."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Append JSON lines to this file instead of printing."),
+    resume: bool = typer.Option(False, "--resume", help="With --output: skip the texts the file already has a record of."),
+    ordered: bool = typer.Option(False, "--ordered", help="Report in input order (else as each text finishes)."),
+    text_column: str = typer.Option("text", "--text-column", help="Column (or JSON key) of the text in tables."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Column (or JSON key) of each row's id in "
+                                                                      "tables (default: file:line)."),
+    lines: bool = typer.Option(False, "--lines", help="Standard input holds one text per line."),
+    truncate: bool = typer.Option(False, "--truncate", help="Read only the sentences that fit the context instead of failing."),
+    n_ctx: int = N_CTX,
+    width: int = WIDTH,
+    threads: Optional[int] = THREADS,
+    gpu_layers: int = GPU_LAYERS,
+) -> None:
+    """Classify each text. A text that cannot be classified becomes an error record and the others go on; the
+    exit code is then that of the first failure: 3 bad input, 4 model, 5 bundle, 6 text too long for the context."""
+    from ..classifier import Classifier
+
+    if resume and output is None:
+        raise typer.BadParameter("--resume needs --output", param_hint="--resume")
+    done = _recorded_ids(output) if resume else set()
+    items = [item for item in iter_items(inputs, text_column, id_column, lines) if item.id not in done]
+    settings = engine_settings(n_ctx, width, threads, gpu_layers)
+    failure = 0
+    sink_context = _open_output(output) if output is not None else nullcontext(sys.stdout)
+    with Classifier(bundle, model=model, policy=policy, settings=settings, truncate=truncate) as clf, \
+            sink_context as sink:
+        n_layer = clf.engine.n_layer
+        progress = tqdm(total=len(items), unit="text", disable=output is None or None, leave=False)
+        for item, outcome in _outcomes(clf, items, ordered):
+            progress.update()
+            if isinstance(outcome, Edge2DExitError):
+                failure = failure or outcome.exit_code
+                message = str(outcome) if str(outcome).startswith(item.id) else f"{item.id}: {outcome}"
+                typer.echo(f"edge2dexit: {message}", err=True)
+                record = {"input": item.id, "error": str(outcome), "exit_code": outcome.exit_code}
+            else:
+                record = {"input": item.id, **outcome.to_dict()}
+            if as_json or output is not None:
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.flush()
+            elif not isinstance(outcome, Edge2DExitError):
+                total = "?" if outcome.sentences_total is None else outcome.sentences_total
+                sink.write(
+                    f"{item.id}: {outcome.label} ({outcome.scores[outcome.label]:.2f})  read "
+                    f"{outcome.sentences_read}/{total} sentences, exit at layer {outcome.exit_layer + 1}/{n_layer} "
+                    f"[{outcome.policy}], {outcome.token_layers} token-layers, {outcome.seconds:.2f} s"
+                    + ("  (truncated)" if outcome.truncated else "") + "\n")
+        progress.close()
+    raise typer.Exit(failure)
+
+
+def _outcomes(clf, items: list[Item], ordered: bool) -> Iterator[tuple[Item, object]]:
+    """(item, Result or error) for every item: unreadable ones in their place, the others as the classifier
+    finishes them (or, `ordered`, in input order)."""
+    unreadable: list[int] = []
+
+    def readable() -> Iterator[tuple[int, str]]:
+        for index, item in enumerate(items):
+            if item.error is not None:
+                unreadable.append(index)
+            else:
+                yield index, item.text
+
+    waiting: dict[int, object] = {}
+    next_index = 0
+
+    def emit(index: int, outcome: object) -> Iterator[tuple[Item, object]]:
+        nonlocal next_index
+        if not ordered:
+            yield items[index], outcome
+            return
+        waiting[index] = outcome
+        while next_index in waiting:
+            yield items[next_index], waiting.pop(next_index)
+            next_index += 1
+
+    for index, outcome in clf.classify_many(readable()):
+        while unreadable:
+            bad = unreadable.pop(0)
+            yield from emit(bad, items[bad].error)
+        yield from emit(index, outcome)
+    for bad in unreadable:
+        yield from emit(bad, items[bad].error)
+
+
+def _open_output(output: Path) -> TextIO:
+    """`output` opened for appending, starting on a fresh line if a crash cut the last record short."""
+    cut_short = False
+    if output.is_file() and output.stat().st_size:
+        with open(output, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut_short = f.read(1) != b"\n"
+    sink = open(output, "a", encoding="utf-8")
+    if cut_short:
+        sink.write("\n")
+    return sink
+
+
+def _recorded_ids(output: Path) -> set[str]:
+    """Inputs the output file already has a result for (error records are retried)."""
+    if not output.is_file():
+        return set()
+    ids = set()
+    with open(output, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: its text is classified again
+            if isinstance(record, dict) and "error" not in record and "input" in record:
+                ids.add(record["input"])
+    return ids

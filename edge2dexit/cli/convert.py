@@ -1,0 +1,67 @@
+"""`edge2dexit convert`: labelled text + a base model → a bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..convert.data import DataSettings
+from ..convert.settings import ConvertSettings, TrainSettings
+from ..keys import HEAD_LINEARS
+from ..llama import QUANT_TYPES
+from .app import app, friendly
+from .options import N_CTX, THREADS, WIDTH, engine_settings
+
+_DATA, _TRAIN = DataSettings(""), TrainSettings()
+_CONVERT = ConvertSettings("", _DATA, Path())
+KEEP = "keep"
+
+
+def _choice(allowed: tuple[str, ...]):
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+@app.command()
+@friendly
+def convert(
+    model: str = typer.Option(..., "--model", "-m", help="Base model: registry name, GGUF path, or HF checkpoint directory."),
+    data: str = typer.Option(..., "--data", "-d", help="imdb, clothing, tweets, or a CSV / TSV / JSONL file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write."),
+    text_column: str = typer.Option(_DATA.text_column, help="Text column of a data file."),
+    label_column: str = typer.Option(_DATA.label_column, help="Label column of a data file."),
+    prompt: Optional[str] = typer.Option(_CONVERT.prompt, help="Task prompt read before every text."),
+    per_class: int = typer.Option(_DATA.per_class, min=0, help="Balanced subsample: documents per class (0: all)."),
+    min_sentences: int = typer.Option(_DATA.min_sentences, min=0, help="Keep only texts with at least this many sentences."),
+    max_sentences: int = typer.Option(_CONVERT.max_sentences, min=1, help="Sentences per document read for features."),
+    seed: int = typer.Option(_DATA.seed, help="Seed of the subsample, the splits and training."),
+    head: str = typer.Option(_TRAIN.kind, callback=_choice(tuple(HEAD_LINEARS)),
+                             help="Exit head kind: mlp (the paper's d→hidden→C) or linear."),
+    hidden: int = typer.Option(_TRAIN.hidden, min=1, help="Hidden size of mlp heads."),
+    lr: float = typer.Option(_TRAIN.lr, min=0.0, help="Learning rate of head training."),
+    tolerance: float = typer.Option(_CONVERT.tolerance, "--tolerance", "-T", min=0.0,
+                                    help="Accuracy a policy may lose against the best single layer."),
+    quant: str = typer.Option(KEEP, callback=_choice((KEEP, *QUANT_TYPES)),
+                              help=f"Re-quantize the base model into the bundle: {', '.join((KEEP, *QUANT_TYPES))}."),
+    work: Optional[Path] = typer.Option(None, help="Feature store directory (default OUT/features); resumes."),
+    n_ctx: int = N_CTX,
+    width: int = WIDTH,
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Train exit heads on labelled text, calibrate every policy on held-out data, write a bundle."""
+    from ..convert.pipeline import convert as run_convert
+
+    settings = ConvertSettings(
+        model=model,
+        data=DataSettings(data, text_column, label_column, per_class or None, min_sentences, seed=seed),
+        out=out, prompt=prompt, max_sentences=max_sentences,
+        head=TrainSettings(kind=head, hidden=hidden, lr=lr, seed=seed), tolerance=tolerance, quant=quant,
+        engine=engine_settings(n_ctx, width, threads), work=work,
+    )
+    typer.echo(run_convert(settings).summary())

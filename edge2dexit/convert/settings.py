@@ -1,0 +1,49 @@
+"""What `convert` takes, in one place and free of torch: the CLI builds its options (and their defaults) from these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine import EngineSettings
+from ..keys import HEAD_LINEARS
+from .data import DataSettings
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    kind: str = "mlp"  # "mlp": the paper's adapter Linear(d→hidden) + ReLU + Linear(hidden→C); or "linear"
+    hidden: int = 64  # the paper uses 256; 64 was as accurate on IMDB and is 4× smaller
+    epochs: int = 60  # at most; early stopping usually ends sooner
+    batch: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    patience: int = 6  # epochs without a better validation loss before stopping
+    validation_fraction: float = 0.15  # of the documents of each class
+    seed: int = 0
+    layers: tuple[int, ...] | None = None  # None: every layer
+    threads: int | None = None  # torch intra-op threads; None leaves torch's setting alone
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_LINEARS:
+            raise ValueError(f"unknown head kind {self.kind!r}; expected one of {', '.join(HEAD_LINEARS)}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {self.validation_fraction}")
+        if min(self.hidden, self.epochs, self.batch, self.patience) < 1:
+            raise ValueError("hidden, epochs, batch and patience must all be at least 1")
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    model: str  # registry name, GGUF path, or a Hugging Face checkpoint directory
+    data: DataSettings
+    out: Path
+    prompt: str | None = None  # default: a sentiment prompt for imdb, a generic one otherwise
+    max_sentences: int | None = 20  # sentences per document kept for features (bounds the cost)
+    head: TrainSettings = field(default_factory=TrainSettings)
+    tolerance: float = 0.02
+    quant: str = "keep"
+    engine: EngineSettings = field(default_factory=EngineSettings)  # how features are read (width: batching)
+    work: Path | None = None  # feature stores (default: OUT/features); reused when the inputs match
+
+

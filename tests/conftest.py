@@ -1,10 +1,22 @@
 """Shared fixtures. Tests run the real llama.cpp on real small models, pulled into the user cache beforehand
-(`edge2dexit models pull smollm2-135m gemma3-270m`, as .ci/run does): no test downloads anything."""
+(`edge2dexit models pull smollm2-135m gemma3-270m`, as .ci/run does): no test downloads anything.
+
+No test writes into the real cache: every test (and every session- or module-scoped fixture) sees an
+EDGE2DEXIT_HOME of its own, whose `models/` holds links to the real cached model files and whose `sha256.json`
+is a copy of the real one (so the models' sha256 are not recomputed). The real home and the model paths are
+resolved once, here, at import, before any of that.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 
+from edge2dexit.cache import HOME_ENV, cache_dir
 from edge2dexit.engine import Engine, EngineSettings
 from edge2dexit.errors import ModelError
 from edge2dexit.models.registry import resolve_model
@@ -17,32 +29,96 @@ REVIEW = (
     "Overall, a solid film that I will happily watch again."
 )
 
+# The real cache: $EDGE2DEXIT_HOME as set when pytest started, else the package's default.
+REAL_HOME: Path = cache_dir()
+MODEL_NAMES = ("smollm2-135m", "gemma3-270m")
 
-def _model_path(name: str) -> str:
+
+def make_home(directory: Path) -> Path:
+    """A cache directory whose models/ links to the real cached models and with a copy of the real stamps."""
+    models = directory / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    real_models = REAL_HOME / "models"
+    if real_models.is_dir():
+        for file in real_models.glob("*.gguf"):
+            (models / file.name).symlink_to(file.resolve())
+    stamps = REAL_HOME / "sha256.json"
+    if stamps.is_file():
+        shutil.copyfile(stamps, directory / "sha256.json")
+    return directory
+
+
+def _resolve_models() -> dict[str, str | ModelError]:
+    """Each model's real file, found (and its sha256 checked) through a throw-away home like the tests' own, so
+    that even a missing sha256 stamp is written there and not into the real cache."""
+    probe = Path(tempfile.mkdtemp(prefix="edge2dexit-home-"))
+    saved = os.environ.get(HOME_ENV)
+    os.environ[HOME_ENV] = str(make_home(probe))
+    found: dict[str, str | ModelError] = {}
     try:
-        return str(resolve_model(name, pull_missing=False))
-    except ModelError as exc:
-        pytest.fail(f"{exc} (the test run expects it in the cache: edge2dexit models pull {name})")
+        for name in MODEL_NAMES:
+            try:
+                found[name] = str(resolve_model(name, pull_missing=False).resolve())
+            except ModelError as exc:
+                found[name] = exc
+    finally:
+        if saved is None:
+            del os.environ[HOME_ENV]
+        else:
+            os.environ[HOME_ENV] = saved
+        shutil.rmtree(probe)
+    return found
+
+
+_MODEL_PATHS = _resolve_models()  # once, at import, before any test's home
+
+
+def model_path(name: str) -> str:
+    found = _MODEL_PATHS[name]
+    if isinstance(found, ModelError):
+        pytest.fail(f"{found} (the test run expects it in the cache: edge2dexit models pull {name})")
+    return found
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "llama: loads a real model with llama.cpp")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory):
+    """The home that session- and module-scoped fixtures (engines, classifiers, converted bundles) see."""
+    home = make_home(tmp_path_factory.mktemp("session-home"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(HOME_ENV, str(home))
+        yield home
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets a fresh EDGE2DEXIT_HOME of its own."""
+    home = make_home(tmp_path_factory.mktemp("home"))
+    monkeypatch.setenv(HOME_ENV, str(home))
+    return home
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    return _model_path("smollm2-135m")
+    return model_path("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma_path() -> str:
-    return _model_path("gemma3-270m")
+    return model_path("gemma3-270m")
 
 
-@pytest.fixture(scope="session", params=["smollm2-135m", "gemma3-270m"])
+@pytest.fixture(scope="session", params=MODEL_NAMES)
 def any_engine(request):
     """A real engine on each small model, shared by the tests of a session (loading takes ~0.5 s)."""
-    with Engine(_model_path(request.param), EngineSettings(n_ctx=1024), prompt=TASK_PROMPT) as engine:
+    with Engine.load(model_path(request.param), EngineSettings(n_ctx=1024), prompt=TASK_PROMPT) as engine:
         yield engine
 
 
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2_path):
-    with Engine(smollm2_path, EngineSettings(n_ctx=1024), prompt=TASK_PROMPT) as engine:
+    with Engine.load(smollm2_path, EngineSettings(n_ctx=1024), prompt=TASK_PROMPT) as engine:
         yield engine

@@ -7,6 +7,7 @@ from edge2dexit.cli import app
 
 
 @pytest.mark.slow
+@pytest.mark.llama
 def test_engine_benchmark_prints_every_ratio(smollm2_path):
     res = CliRunner().invoke(app, ["bench", "engine", "--model", smollm2_path, "--rounds", "1"])
     assert res.exit_code == 0, res.output

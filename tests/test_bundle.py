@@ -9,7 +9,8 @@ from edge2dexit.bundle import BaseModelRef, Bundle, load_bundle, write_bundle, w
 from edge2dexit.errors import BundleError
 from edge2dexit.heads import ExitHead, ExitHeads
 from edge2dexit.keys import Keys
-from edge2dexit.sentences import SentenceSplitter
+from edge2dexit.models.gguf_file import check_gguf
+from edge2dexit.sentences import Splitter
 
 SHA = "a5fd3b62" + "0" * 56
 D = 16
@@ -32,11 +33,11 @@ def make_bundle(kind="mlp", labels=("neg", "pos")):
         base=BaseModelRef("smollm2-135m", SHA, "llama", 6, D),
         labels=labels,
         task_prompt="Classify the sentiment of this review:",
-        splitter=SentenceSplitter("regex", "en"),
+        splitter=Splitter("regex", "en"),
         heads={"sentence": make_heads(rng, "sentence", labels, [1, 3, 5], kind),
                "prefix": make_heads(rng, "prefix", labels, [2, 4], kind)},
-        policies={"ours": {"layer": 3, "tau": 0.25, "schedule": [1, 2, 3]}, "full": {}},
-        default_policy="ours",
+        policies={"prefix-mean": {"layer": 4, "threshold": 0.25, "min_sentences": 3}, "full": {}},
+        default_policy="prefix-mean",
         calibration={"frontier": [[0.91, 2.5], [0.9, 3.1]], "chosen": 1},
         head_kind=kind,
         head_hidden=8 if kind == "mlp" else 0,
@@ -90,11 +91,16 @@ def test_round_trip_every_key_and_tensor(tmp_path, kind, half):
 def test_file_layout(exits):
     reader = GGUFReader(exits)
     fields = {name: f.contents() for name, f in reader.fields.items()}
-    assert fields[Keys.General.TYPE] == "adapter" and fields[Keys.Adapter.TYPE] == "edge2dexit"
-    assert fields[Keys.General.ARCHITECTURE] == "llama"
+    assert fields[Keys.General.TYPE.name] == "adapter" and fields[Keys.Adapter.TYPE.name] == "edge2dexit"
+    assert fields[Keys.General.ARCHITECTURE.name] == "llama"
+    assert fields[Keys.Exits.FORMAT_VERSION.name] == keys.FORMAT_VERSION == 2
     assert fields["edge2dexit.sentence.exit_layers"] == [1, 3, 5]
-    assert reader.fields[keys.exit_layers_key("prefix")].types == [GGUFValueType.ARRAY, GGUFValueType.UINT32]
+    assert Keys.exit_layers("prefix").name == "edge2dexit.prefix.exit_layers"
+    assert reader.fields[Keys.exit_layers("prefix").name].types == [GGUFValueType.ARRAY, GGUFValueType.UINT32]
     assert fields["edge2dexit.policy.full"] == "{}"
+    assert fields[Keys.policy("prefix-mean").name] == '{"layer": 4, "threshold": 0.25, "min_sentences": 3}'
+    for key in (Keys.Exits.LABELS, Keys.Exits.BASE_BLOCK_COUNT, Keys.Exits.TASK_PROMPT, Keys.exit_layers("sentence")):
+        assert reader.fields[key.name].types == [key.type] + ([key.item] if key.item is not None else []), key
     names = {t.name for t in reader.tensors}
     assert {"exit.sentence.3.norm_mean", "exit.sentence.3.norm_scale", "exit.sentence.3.fc1.weight",
             "exit.sentence.3.fc1.bias", "exit.prefix.4.fc2.weight", "exit.prefix.4.fc2.bias"} <= names
@@ -113,8 +119,8 @@ def test_model_file_and_policy_params(exits, bundle):
     assert loaded.model_file is None
     (exits.parent / "model.gguf").write_bytes(b"stand-in")
     assert loaded.model_file == exits.parent / "model.gguf"
-    assert loaded.policy_params("ours") == {"layer": 3, "tau": 0.25, "schedule": [1, 2, 3]}
-    with pytest.raises(BundleError, match="no policy 'fast'; it has ours, full"):
+    assert loaded.policy_params("prefix-mean") == {"layer": 4, "threshold": 0.25, "min_sentences": 3}
+    with pytest.raises(BundleError, match="no policy 'fast'; it has prefix-mean, full"):
         loaded.policy_params("fast")
 
 
@@ -139,10 +145,11 @@ def rewrite(src, dst, set_keys=(), drop=(), tensors=None):
     """Copy an exits file with GGUFWriter, replacing keys ({key: (value, type, item type)}), dropping keys or
     tensors (names in `drop`), or replacing all tensors ({name: array})."""
     reader = GGUFReader(src)
-    writer = GGUFWriter(dst, arch=reader.fields[Keys.General.ARCHITECTURE].contents())
-    set_keys = dict(set_keys)
+    writer = GGUFWriter(dst, arch=reader.fields[Keys.General.ARCHITECTURE.name].contents())
+    set_keys = {getattr(k, "name", k): v for k, v in dict(set_keys).items()}
+    drop = [getattr(k, "name", k) for k in drop]
     for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name == Keys.General.ARCHITECTURE or name in drop:
+        if name.startswith("GGUF.") or name == Keys.General.ARCHITECTURE.name or name in drop:
             continue
         value, vtype, sub = set_keys.pop(name, (f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None))
         writer.add_key_value(name, value, vtype, sub)
@@ -173,7 +180,7 @@ def test_not_a_bundle(tmp_path):
     refused(tmp_path, "is not a bundle: it has no exits.gguf")
     text = tmp_path / "notes.gguf"
     text.write_text("hello")
-    refused(text, "notes.gguf: not a GGUF file")
+    refused(text, "notes.gguf is not a GGUF file")
     empty = tmp_path / "empty.gguf"
     empty.write_bytes(b"")
     refused(empty, "not a GGUF file")
@@ -182,9 +189,10 @@ def test_not_a_bundle(tmp_path):
 @pytest.mark.parametrize("fraction", [0.0, 0.01, 0.05, 0.2, 0.5, 0.8, 0.99, 1.0])
 def test_truncated(exits, tmp_path, fraction):
     data = exits.read_bytes()
+    data_end = check_gguf(exits).data_end  # what follows is alignment padding, which no reader needs
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(data[:max(8, min(int(len(data) * fraction), len(data) - 1))])
-    refused(cut, "cut.gguf: GGUF file is truncated or corrupt", "export the bundle again")
+    cut.write_bytes(data[:max(8, min(int(len(data) * fraction), data_end - 1))])
+    refused(cut, "cut.gguf is truncated or corrupt")
 
 
 def test_corrupt_header(exits):
@@ -207,23 +215,38 @@ def test_other_adapter_and_plain_model(exits, tmp_path):
     refused(model, "not an edge2dexit exits file (general.type = None, expected 'adapter')")
 
 
-def test_format_version(exits):
+def set_format_version(exits, version):
     reader = GGUFReader(exits, "r+")  # edit the key in place
-    reader.fields[Keys.Exits.FORMAT_VERSION].parts[-1][0] = keys.FORMAT_VERSION + 1
+    reader.fields[Keys.Exits.FORMAT_VERSION.name].parts[-1][0] = version
     reader.data.flush()
     del reader
+
+
+def test_format_version(exits):
+    set_format_version(exits, keys.FORMAT_VERSION + 1)
     refused(exits, f"format version {keys.FORMAT_VERSION + 1}", "upgrade edge2dexit")
-    reader = GGUFReader(exits, "r+")
-    reader.fields[Keys.Exits.FORMAT_VERSION].parts[-1][0] = 0
-    reader.data.flush()
-    del reader
-    refused(exits, "unknown exits format version 0")
+    for old in (1, 0):  # version 1: the policy names and parameters before 0.2
+        set_format_version(exits, old)
+        refused(exits, f"format version {old} by an older edge2dexit", "convert the bundle again")
+    set_format_version(exits, keys.FORMAT_VERSION)
+    assert load_bundle(exits).default_policy == "prefix-mean"
+
+
+def test_default_bundle_is_format_2_with_the_renamed_policies():
+    from edge2dexit.classifier import DEFAULT_BUNDLE
+    from edge2dexit.policies import POLICIES
+
+    reader = GGUFReader(DEFAULT_BUNDLE / "exits.gguf")
+    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.FORMAT_VERSION
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    assert set(bundle.policies) == set(POLICIES) and bundle.default_policy == "prefix-mean"
+    assert set(bundle.policies["prefix-mean"]) >= {"layer", "threshold", "min_sentences"}
 
 
 @pytest.mark.parametrize("key", [Keys.Exits.LABELS, Keys.Exits.BASE_SHA256, Keys.Exits.FORMAT_VERSION,
-                                 keys.exit_layers_key("prefix"), Keys.Exits.CALIBRATION])
+                                 Keys.exit_layers("prefix"), Keys.Exits.CALIBRATION], ids=lambda k: k.name)
 def test_missing_key(exits, tmp_path, key):
-    refused(rewrite(exits, tmp_path / "x.gguf", drop=[key]), f"missing key {key}")
+    refused(rewrite(exits, tmp_path / "x.gguf", drop=[key]), f"missing key {key.name}")
 
 
 def test_wrong_key_type(exits, tmp_path):
@@ -248,15 +271,16 @@ def test_exit_layer_beyond_depth(exits, tmp_path):
 
 
 def test_policy_not_json(exits, tmp_path):
-    bad = rewrite(exits, tmp_path / "x.gguf", {keys.policy_key("ours"): ("{tau: 0.3", GGUFValueType.STRING, None)})
-    refused(bad, "key edge2dexit.policy.ours is not valid JSON")
-    bad = rewrite(exits, tmp_path / "y.gguf", {keys.policy_key("ours"): ("[0.3]", GGUFValueType.STRING, None)})
-    refused(bad, "key edge2dexit.policy.ours must hold a JSON object")
+    key = Keys.policy("prefix-mean")
+    bad = rewrite(exits, tmp_path / "x.gguf", {key: ("{tau: 0.3", GGUFValueType.STRING, None)})
+    refused(bad, "key edge2dexit.policy.prefix-mean is not valid JSON")
+    bad = rewrite(exits, tmp_path / "y.gguf", {key: ("[0.3]", GGUFValueType.STRING, None)})
+    refused(bad, "key edge2dexit.policy.prefix-mean must hold a JSON object")
 
 
 def test_default_policy_unknown(exits, tmp_path):
     bad = rewrite(exits, tmp_path / "x.gguf", {Keys.Exits.DEFAULT_POLICY: ("paper2d", GGUFValueType.STRING, None)})
-    refused(bad, "default policy 'paper2d' is not among the bundle's policies (ours, full)")
+    refused(bad, "default policy 'paper2d' is not among the bundle's policies (prefix-mean, full)")
 
 
 def test_missing_and_stray_tensors(exits, tmp_path):

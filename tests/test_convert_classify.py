@@ -16,10 +16,15 @@ from typer.testing import CliRunner
 from edge2dexit import Classifier
 from edge2dexit.bundle import load_bundle, write_exits
 from edge2dexit.cli import app
-from edge2dexit.convert.pipeline import ConvertSettings, convert
-from edge2dexit.convert.train import TrainSettings
+from edge2dexit.convert.data import DataSettings
+from edge2dexit.convert.pipeline import convert
+from edge2dexit.convert.settings import ConvertSettings, TrainSettings
+from edge2dexit.document import sentence_by_sentence
 from edge2dexit.engine import EngineSettings
+from edge2dexit.errors import InputError
 from edge2dexit.policies import POLICIES
+
+pytestmark = pytest.mark.llama
 
 GOOD = ["I loved every minute of it.", "The acting was superb.", "A wonderful, moving story.", "Great fun from start to end."]
 BAD = ["I hated every minute of it.", "The acting was dreadful.", "A boring, pointless story.", "A waste of time and money."]
@@ -42,10 +47,15 @@ def tiny_bundle(tmp_path_factory, smollm2_path):
     root = tmp_path_factory.mktemp("convert")
     data = root / "reviews.csv"
     synthetic_reviews(data)
+    # The split and learning rate this test was written with (the defaults became 0.5/0.25/0.25 and 3e-4, which on
+    # a dozen documents leaves the heads barely trained).
     settings = ConvertSettings(
-        model=smollm2_path, data=str(data), out=root / "bundle", text_column="review", label_column="sentiment",
-        per_class=None, splitter="regex", n_ctx=512,
-        head=TrainSettings(kind="linear", epochs=30, seed=0), tolerance=0.05,
+        model=smollm2_path,
+        data=DataSettings(str(data), text_column="review", label_column="sentiment", per_class=None,
+                          fractions=(0.6, 0.2, 0.2), splitter="regex"),
+        out=root / "bundle",
+        head=TrainSettings(kind="linear", epochs=30, seed=0, lr=1e-3), tolerance=0.05,
+        engine=EngineSettings(n_ctx=512),
     )
     report = convert(settings)
     return report
@@ -88,39 +98,59 @@ def test_every_policy_reports_what_llama_cpp_computed(classifier, policy, monkey
     computed = []
     decode = classifier.engine.context.decode
 
-    def counting(tokens, start, depth, layers, on_layer=None):
-        out = decode(tokens, start, depth, layers, on_layer)
-        computed.append((len(tokens), out.depth))
+    def counting(spans, depth, read_layers, on_layer=None):
+        out = decode(spans, depth, read_layers, on_layer)
+        computed.append((sum(len(s.tokens) for s in spans), out.depth))
         return out
 
     monkeypatch.setattr(classifier.engine.context, "decode", counting)
     result = classifier.classify(TEXT, policy=policy)
     assert result.token_layers == sum(n * d for n, d in computed)
     assert result.label in ("neg", "pos") and abs(sum(result.scores.values()) - 1) < 1e-6
-    assert 1 <= result.sentences_read <= result.sentences_total == 4
-    assert result.operations <= result.sentences_total * 30
+    # the total is known when reading reached the end of the text, None when it stopped before
+    assert 1 <= result.sentences_read <= 4
+    assert result.sentences_total == 4 or (result.sentences_total is None and result.sentences_read < 4)
+    assert result.operations <= 4 * 30 and result.tokens > 0
     assert result.as_pipeline()[0]["label"] == result.label
 
 
 def test_full_gives_the_same_label_sentence_by_sentence_as_in_one_pass(classifier):
     one_pass = classifier.classify(TEXT, policy="full")
-    doc = classifier.engine.document()
-    tokens = classifier.engine.tokenize_sentences(classifier.bundle.splitter.split(TEXT))
-    states = [doc.append([t], 30, layers=[29])[0] for t in tokens]
-    p = classifier.bundle.heads["sentence"].proba(29, states[-1].at(29))
+    engine = classifier.engine
+    tokens = [engine.tokenize(s) for s in classifier.bundle.splitter.split(TEXT)]
+    states = engine.run(sentence_by_sentence(engine.document(), tokens, 30, layers=[29]))
+    assert states.shape == (4, 1, 576)
+    p = classifier.bundle.heads["sentence"].proba(29, states[-1, 0])
     assert classifier.labels[int(np.argmax(p))] == one_pass.label
     np.testing.assert_allclose(p, [one_pass.scores[k] for k in classifier.labels], atol=0.02)
 
 
 def test_stream_decides_like_classify(classifier):
-    with classifier.stream("ours") as stream:
+    with classifier.stream("prefix-mean") as stream:
         result = None
         for sentence in classifier.bundle.splitter.split(TEXT):
             result = stream.feed(sentence)
             if result is not None:
                 break
         result = result or stream.finish()
-    assert result.label == classifier.classify(TEXT, policy="ours").label
+    assert result.label == classifier.classify(TEXT, policy="prefix-mean").label
+    # closing the stream freed its sequence: its document can no longer read
+    with pytest.raises(RuntimeError, match="newer Engine.document"):
+        classifier.engine.run(stream.doc.append([classifier.engine.tokenize("More.")], 1))
+    with classifier.stream() as empty, pytest.raises(InputError, match="before any sentence"):
+        empty.finish()
+
+
+def test_classify_many_matches_classify(classifier):
+    texts = [TEXT, "The cinema was half full. The acting was dreadful.", "   "]
+    outcomes = dict(classifier.classify_many((f"doc{i}", t) for i, t in enumerate(texts)))
+    assert set(outcomes) == {"doc0", "doc1", "doc2"}
+    assert isinstance(outcomes["doc2"], InputError) and "empty" in str(outcomes["doc2"])
+    for key, text in (("doc0", TEXT), ("doc1", texts[1])):
+        one = classifier.classify(text)
+        assert (outcomes[key].label, outcomes[key].exit_layer, outcomes[key].sentences_read) == (
+            one.label, one.exit_layer, one.sentences_read)
+        assert outcomes[key].token_layers == one.token_layers
 
 
 def test_cli_classify_json_and_exit_codes(tiny_bundle, tmp_path, gemma_path):
@@ -199,16 +229,27 @@ def test_bundle_classifies_where_torch_cannot_be_imported(tiny_bundle):
 def test_quantize_produces_a_loadable_model(smollm2_path, tmp_path):
     from edge2dexit.engine import Engine
     from edge2dexit.errors import ModelError
-    from edge2dexit.files import check_gguf
     from edge2dexit.llama import quantize
+    from edge2dexit.models.gguf_file import check_gguf
 
     out = tmp_path / "q4_0.gguf"
     quantize(smollm2_path, out, "q4_0", n_threads=2)
-    check_gguf(out)
-    with Engine(out, EngineSettings(n_ctx=256)) as engine:
+    summary = check_gguf(out)
+    assert summary.n_tensors == check_gguf(smollm2_path).n_tensors and summary.data_end <= out.stat().st_size
+    with Engine.load(out, EngineSettings(n_ctx=256)) as engine:
         assert (engine.architecture, engine.n_layer, engine.n_embd) == ("llama", 30, 576)
         doc = engine.document()
-        (states,) = doc.append(engine.tokenize_sentences(["A fine film."]), 30, layers=[29])
-        assert np.isfinite(states.mean).all()
+        (states,) = engine.run(doc.append([engine.tokenize("A fine film.")], 30, layers=[29]))
+        assert states.means.shape == (1, 576) and np.isfinite(states.means).all()
     with pytest.raises(ModelError, match="unknown quantization"):
         quantize(smollm2_path, tmp_path / "x.gguf", "q3_x")
+
+
+def test_cli_eval_reads_the_bundles_own_split(tiny_bundle):
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "--bundle", str(tiny_bundle.bundle), "--split", "calibration", "--limit", "3",
+                              "--policies", "prefix-mean,layer", "--n-ctx", "512"])
+    assert res.exit_code == 0, res.output
+    table = res.stdout
+    assert table.startswith("3 documents, 30 layers")
+    assert [line.split()[0] for line in table.splitlines()[2:6]] == ["full", "prefix-mean", "layer", "oracle"]

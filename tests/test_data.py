@@ -6,21 +6,19 @@ import pytest
 
 from edge2dexit.convert.data import (
     BUILTIN_SETS,
+    DEFAULT_FRACTIONS,
+    DataSettings,
     LabelledSet,
     check_labels_seen,
     load_builtin,
     load_file,
+    make_splits,
     prepare,
     split,
     subsample,
 )
 from edge2dexit.errors import InputError
-from edge2dexit.sentences import SentenceSplitter
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGE2DEXIT_HOME", str(tmp_path / "home"))
+from edge2dexit.sentences import Splitter
 
 
 def _write(tmp_path, name, content):
@@ -102,7 +100,7 @@ def test_prepare_dedupes_and_filters_by_sentence_count():
     ds = LabelledSet(
         ["One. Two. Three.", "Only one.", "One. Two. Three.", "A. B.<br />C? D!"], [0, 1, 0, 1], ("a", "b"), "s"
     )
-    regex = SentenceSplitter("regex")
+    regex = Splitter("regex")
     assert prepare(ds, regex).texts == ["One. Two. Three.", "Only one.", "A. B.<br />C? D!"]
     assert prepare(ds, regex, min_sentences=3).texts == ["One. Two. Three.", "A. B.<br />C? D!"]
     assert prepare(ds, regex, min_sentences=3, dedupe=False).labels == [0, 0, 1]
@@ -125,16 +123,18 @@ def test_subsample_is_balanced_and_deterministic():
 
 def test_split_is_stratified_disjoint_and_deterministic():
     ds = LabelledSet([f"t{i}" for i in range(200)], [0] * 150 + [1] * 50, ("a", "b"), "s")
-    parts = split(ds, seed=7)
+    parts = split(ds, fractions=(0.6, 0.2, 0.2), seed=7)
     assert parts.train.class_counts() == {"a": 90, "b": 30}
     assert parts.calibration.class_counts() == {"a": 30, "b": 10}
     assert parts.test.class_counts() == {"a": 30, "b": 10}
     all_texts = parts.train.texts + parts.calibration.texts + parts.test.texts
     assert sorted(all_texts) == sorted(ds.texts)
     assert all(ds.labels[int(t[1:])] == label for t, label in zip(parts.train.texts, parts.train.labels))
-    again = split(ds, seed=7)
+    again = split(ds, fractions=(0.6, 0.2, 0.2), seed=7)
     assert again.train.texts == parts.train.texts and again.test.texts == parts.test.texts
-    assert split(ds, seed=8).train.texts != parts.train.texts
+    assert split(ds, fractions=(0.6, 0.2, 0.2), seed=8).train.texts != parts.train.texts
+    halves = split(ds, seed=7)  # the default: half to train, a quarter each to calibration and test
+    assert halves.train.class_counts() == {"a": 74, "b": 26} and halves.test.class_counts() == {"a": 38, "b": 12}
     assert parts.train.labels != sorted(parts.train.labels)  # classes are mixed, not in blocks
     description = parts.describe()
     assert "train" in description and "120" in description and "a 30 (75%)" in description
@@ -145,9 +145,12 @@ def test_split_errors():
     with pytest.raises(InputError, match="class 'neu' has 2 example"):
         split(few_neutral)
     with pytest.raises(InputError, match="add up to 1"):
-        split(_balanced(10), train=0.5, calibration=0.2, test=0.2)
+        split(_balanced(10), fractions=(0.5, 0.2, 0.2))
     with pytest.raises(InputError, match="positive"):
-        split(_balanced(10), train=0.8, calibration=0.2, test=0.0)
+        split(_balanced(10), fractions=(0.8, 0.2, 0.0))
+    assert DEFAULT_FRACTIONS == (0.5, 0.25, 0.25)
+    other = split(_balanced(20), fractions=(0.6, 0.2, 0.2), seed=1)
+    assert (len(other.train), len(other.calibration), len(other.test)) == (36, 12, 12)
 
 
 def test_check_labels_seen():
@@ -155,6 +158,25 @@ def test_check_labels_seen():
     check_labels_seen(train, LabelledSet(["c"], [1], ("neg", "pos", "neu"), "test.csv"))
     with pytest.raises(InputError, match="test.csv has label\\(s\\) 'neu'.*train.csv"):
         check_labels_seen(train, LabelledSet(["c", "d"], [2, 0], ("neg", "pos", "neu"), "test.csv"))
+
+
+def test_make_splits_follows_its_settings(tmp_path):
+    rows = [f"Sentence {i} of {c}. Another one. And a third." if i % 3 else f"Only one {i} of {c}."
+            for c in ("neg", "pos") for i in range(30)]
+    labels = ["neg"] * 30 + ["pos"] * 30
+    path = _write(tmp_path, "d.jsonl", "".join(json.dumps({"body": t, "y": y}) + "\n" for t, y in zip(rows, labels)))
+    settings = DataSettings(str(path), text_column="body", label_column="y", per_class=12, min_sentences=3,
+                            fractions=[0.5, 0.25, 0.25], seed=3, splitter="regex")
+    assert settings.fractions == (0.5, 0.25, 0.25) and settings.make_splitter().kind == "regex"
+    splits = make_splits(settings)
+    for part, n in (("train", 12), ("calibration", 6), ("test", 6)):
+        ds = getattr(splits, part)
+        assert len(ds) == n and ds.label_names == ("neg", "pos") and ds.class_counts() == {"neg": n // 2, "pos": n // 2}
+        assert all(not t.startswith("Only one") for t in ds.texts)  # min_sentences
+    again = make_splits(settings)
+    assert again.test.texts == splits.test.texts and again.train.texts == splits.train.texts
+    assert make_splits(DataSettings(str(path), "body", "y", per_class=12, seed=4, splitter="regex")).test.texts != \
+        splits.test.texts
 
 
 # --- built-in sets -------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Exactness is bit-for-bit where the same tokens go through the same decode calls (llama.cpp is deterministic
 on the CPU for a fixed split into calls). Across a different split (one call for several sentences) llama.cpp
-itself differs slightly (NOTES.md §2); there we assert a stated tolerance.
+itself differs slightly (docs/llama-cpp.md §5); there we assert a stated tolerance.
 """
 
 from __future__ import annotations
@@ -13,34 +13,37 @@ import sys
 import numpy as np
 import pytest
 
-from edge2dexit.engine import Engine, EngineSettings
+from edge2dexit.document import sentence_by_sentence
+from edge2dexit.engine import Engine, EngineSettings, PlainReader
 from edge2dexit.errors import ContextOverflowError
-from edge2dexit.sentences import SentenceSplitter
+from edge2dexit.sentences import Splitter
 
 from conftest import REVIEW, TASK_PROMPT
+
+pytestmark = pytest.mark.llama
 
 
 @pytest.fixture(scope="module")
 def reference(any_engine):
     """States of a plain full-depth read, one sentence per decode, every layer."""
-    tokens = any_engine.tokenize_sentences(SentenceSplitter().split(REVIEW))
+    tokens = [any_engine.tokenize(s) for s in Splitter().split(REVIEW)]
     doc = any_engine.document()
-    states = [doc.append([t], any_engine.n_layer)[0] for t in tokens]
+    states = [any_engine.run(doc.append([t], any_engine.n_layer))[0] for t in tokens]
     return tokens, states
 
 
 def assert_exact(states, reference_states, depth):
     for got, ref in zip(states, reference_states):
         assert got.layers == tuple(range(depth))
-        assert np.array_equal(got.mean, ref.mean[:depth]), f"sentence {got.index} differs"
-        assert np.array_equal(got.last, ref.last[:depth])
+        assert got.means.shape == (depth, ref.means.shape[1])
+        assert np.array_equal(got.means, ref.means[:depth]), f"sentence {got.index} differs"
 
 
 def test_depth_limited_states_equal_full_depth(any_engine, reference):
     tokens, ref = reference
     for depth in (1, any_engine.n_layer // 4, any_engine.n_layer // 2, any_engine.n_layer - 1):
         doc = any_engine.document()
-        states = [doc.append([t], depth)[0] for t in tokens]
+        states = [any_engine.run(doc.append([t], depth))[0] for t in tokens]
         assert_exact(states, ref, depth)
         assert doc.token_layers == sum(map(len, tokens)) * depth
         assert doc.operations == len(tokens) * depth
@@ -52,13 +55,13 @@ def test_shallow_then_deeper_pass_is_exact(any_engine, reference):
     shallow, deep = n_layer // 4, 3 * n_layer // 4
     doc = any_engine.document()
     for t in tokens[:-1]:
-        doc.append([t], shallow)
-    deepened = doc.deepen(deep)
+        any_engine.run(doc.append([t], shallow))
+    deepened = any_engine.run(doc.deepen(deep))
     assert [s.index for s in deepened] == list(range(len(tokens) - 1))
     assert_exact(deepened, ref, deep)
     assert doc.valid_depths == (deep,) * (len(tokens) - 1)
     # the next sentence at full depth makes the engine deepen again, exactly
-    last = doc.append([tokens[-1]], n_layer)
+    last = any_engine.run(doc.append([tokens[-1]], n_layer))
     assert_exact(last, ref[-1:], n_layer)
     assert doc.valid_depths == (n_layer,) * len(tokens)
     n_tok = sum(map(len, tokens[:-1]))
@@ -70,9 +73,9 @@ def test_stopped_decode_leaves_context_usable(any_engine, reference):
     tokens, ref = reference
     depth = any_engine.n_layer // 3
     doc = any_engine.document()
-    first = [doc.append([t], any_engine.n_layer)[0] for t in tokens[:2]]
+    first = [any_engine.run(doc.append([t], any_engine.n_layer))[0] for t in tokens[:2]]
     assert_exact(first, ref[:2], any_engine.n_layer)
-    rest = [doc.append([t], depth)[0] for t in tokens[2:]]  # each decode stops after layer depth-1
+    rest = [any_engine.run(doc.append([t], depth))[0] for t in tokens[2:]]  # each decode stops after layer depth-1
     assert_exact(rest, ref[2:], depth)
     assert doc.valid_depths == (any_engine.n_layer,) * 2 + (depth,) * (len(tokens) - 2)
 
@@ -80,20 +83,20 @@ def test_stopped_decode_leaves_context_usable(any_engine, reference):
 def test_selected_layers_only(any_engine, reference):
     tokens, ref = reference
     doc = any_engine.document()
-    states = doc.append([tokens[0]], 6, layers=[1, 5])[0]
+    states = any_engine.run(doc.append([tokens[0]], 6, layers=[1, 5]))[0]
     assert states.layers == (1, 5)
     assert np.array_equal(states.at(5), ref[0].at(5))
     assert np.array_equal(states.at(1), ref[0].at(1))
 
 
 def test_one_pass_matches_sentence_by_sentence_within_tolerance(any_engine, reference):
-    """Several sentences in one decode: llama.cpp's own batching noise (NOTES.md §2 measured cos ≥ 0.9986)."""
+    """Several sentences in one decode: llama.cpp's own batching noise (docs/llama-cpp.md §5: cos ≥ 0.9986)."""
     tokens, ref = reference
     doc = any_engine.document()
-    states = doc.append(tokens, any_engine.n_layer)
+    states = any_engine.run(doc.append(tokens, any_engine.n_layer))
     assert doc.decode_calls == 1
     for got, want in zip(states, ref):
-        cos = (got.mean * want.mean).sum(1) / np.linalg.norm(got.mean, axis=1) / np.linalg.norm(want.mean, axis=1)
+        cos = (got.means * want.means).sum(1) / np.linalg.norm(got.means, axis=1) / np.linalg.norm(want.means, axis=1)
         assert cos.min() > 0.998
 
 
@@ -107,21 +110,23 @@ def test_callback_exception_is_raised_and_context_stays_usable(any_engine, refer
     with monkeypatch.context() as patch:
         patch.setattr(any_engine.context.tap, "_copy_rows", broken)
         with pytest.raises(ZeroDivisionError, match="inside the eval callback"):
-            doc.append([tokens[0]], 4)
+            any_engine.run(doc.append([tokens[0]], 4))
     doc = any_engine.document()
-    assert_exact([doc.append([tokens[0]], 4)[0]], ref[:1], 4)
+    assert_exact([any_engine.run(doc.append([tokens[0]], 4))[0]], ref[:1], 4)
 
 
 def test_text_longer_than_context_is_a_clear_error(smollm2_path):
-    with Engine(smollm2_path, EngineSettings(n_ctx=64), prompt=TASK_PROMPT) as engine:
-        tokens = engine.tokenize_sentences(["This sentence is short."] * 80)
+    with Engine.load(smollm2_path, EngineSettings(n_ctx=64), prompt=TASK_PROMPT) as engine:
+        tokens = [engine.tokenize(s) for s in ["This sentence is short."] * 80]
         doc = engine.document()
-        assert not doc.fits(tokens)
+        assert doc.room == engine.capacity == 64 - len(engine.prompt_tokens)
+        assert sum(map(len, tokens)) > doc.room
         with pytest.raises(ContextOverflowError, match="raise the context size"):
-            doc.append(tokens, 4)
+            engine.run(doc.append(tokens, 4))
         assert doc.n_sentences == 0
-        assert doc.fits(tokens[:2])
-        doc.append(tokens[:2], 4)  # still usable after the refusal
+        assert sum(map(len, tokens[:2])) <= doc.room
+        engine.run(doc.append(tokens[:2], 4))  # still usable after the refusal
+        assert doc.valid_depths == (4, 4)
 
 
 def test_runtime_never_imports_torch_or_transformers():
@@ -145,12 +150,12 @@ def test_stop_rule_ends_the_decode_inside_the_graph(any_engine, reference):
         return layer == 4
 
     doc = any_engine.document()
-    (states,) = doc.append([tokens[0]], any_engine.n_layer, stop=stop)
+    (states,) = any_engine.run(doc.append([tokens[0]], any_engine.n_layer, stop=stop))
     assert seen == [0, 1, 2, 3, 4]
     assert states.depth == 5 and states.layers == (0, 1, 2, 3, 4)
     assert doc.valid_depths == (5,) and doc.token_layers == len(tokens[0]) * 5
     # the next sentence needs depth 8: the first is re-decoded first, exactly
-    (second,) = doc.append([tokens[1]], 8)
+    (second,) = any_engine.run(doc.append([tokens[1]], 8))
     assert_exact([second], ref[1:2], 8)
     assert doc.valid_depths == (8, 8)
 
@@ -159,12 +164,59 @@ def test_abandoned_deepening_keeps_the_document_exact(any_engine, reference):
     tokens, ref = reference
     doc = any_engine.document()
     for t in tokens[:4]:
-        doc.append([t], 3)
-    for states in doc.deepening(9):
+        any_engine.run(doc.append([t], 3))
+    while (states := any_engine.run(doc.deepen_next(9))) is not None:
         assert_exact([states], ref[states.index : states.index + 1], 9)
         if states.index == 1:
             break  # sentences 2 and 3 are now out of the cache
     assert doc.valid_depths == (9, 9, 0, 0)
-    (fifth,) = doc.append([tokens[4]], 6)  # re-decodes 2 and 3 at 6 first
+    (fifth,) = any_engine.run(doc.append([tokens[4]], 6))  # re-decodes 2 and 3 at 6 first
     assert_exact([fifth], ref[4:5], 6)
     assert doc.valid_depths == (9, 9, 6, 6, 6)
+
+
+def test_sentence_by_sentence_is_the_reference_read(any_engine, reference):
+    tokens, ref = reference
+    means = any_engine.run(sentence_by_sentence(any_engine.document(), tokens, any_engine.n_layer))
+    assert means.shape == (len(tokens), any_engine.n_layer, any_engine.n_embd)
+    for k, want in enumerate(ref):
+        assert np.array_equal(means[k], want.means)
+
+
+def test_documents_own_their_sequence(smollm2_engine):
+    engine = smollm2_engine
+    tokens = [engine.tokenize("A fine film.")]
+    with pytest.raises(ValueError, match="outside 1..1"):
+        engine.document(seq=2)
+    old = engine.document()
+    engine.run(old.append(tokens, 2))
+    new = engine.document()  # the same sequence: the old document may no longer read
+    with pytest.raises(RuntimeError, match="newer Engine.document"):
+        engine.run(old.append(tokens, 2))
+    (states,) = engine.run(new.append(tokens, 2))
+    engine.release(new)
+    with pytest.raises(RuntimeError, match="newer Engine.document"):
+        engine.run(new.append(tokens, 2))
+    again = engine.document()
+    (same,) = engine.run(again.append(tokens, 2))
+    assert np.array_equal(same.means, states.means)  # release and a new document start from the prompt alone
+
+
+def test_plain_reader_leaves_the_engine_exact(smollm2_engine):
+    engine = smollm2_engine
+    tokens = [engine.tokenize(s) for s in Splitter().split(REVIEW)]
+    before = engine.run(sentence_by_sentence(engine.document(), tokens[:2], engine.n_layer, [engine.n_layer - 1]))
+    with PlainReader(engine) as plain:
+        assert plain.n_prompt == len(engine.prompt_tokens)
+        plain.read([t for s in tokens for t in s])
+        plain.read(tokens[0])  # each read starts again after the prompt
+    after = engine.run(sentence_by_sentence(engine.document(), tokens[:2], engine.n_layer, [engine.n_layer - 1]))
+    assert np.array_equal(before, after)
+
+
+def test_an_engine_without_a_task_prompt(smollm2_path):
+    """No prompt: SmolLM2's tokenizer adds no BOS, so the prompt is no tokens at all and there is nothing to decode."""
+    with Engine.load(smollm2_path, EngineSettings(n_ctx=256)) as engine:
+        assert engine.capacity == 256 - len(engine.prompt_tokens)
+        (states,) = engine.run(engine.document().append([engine.tokenize("A fine film.")], 3, layers=[2]))
+        assert states.means.shape == (1, engine.n_embd) and np.isfinite(states.means).all()

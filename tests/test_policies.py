@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge2dexit.heads import ExitHead, ExitHeads
-from edge2dexit.policies import Accumulator, Decision, make_policy, paper2d_steps, Step
-from edge2dexit.replay import ReplayDocument
+from edge2dexit.document import Document, replay
+from edge2dexit.heads import ExitHead, ExitHeads, Pooling
+from edge2dexit.policies import POLICIES, Accumulator, make_policy, paper2d_steps, Step
+
+from fakes import FakeExecutor
 
 C = 2
 
@@ -28,12 +30,17 @@ def grid(*margins_by_sentence):
     return np.stack([1 - p1, p1], axis=-1)
 
 
+def all_heads(n_layer):
+    return {Pooling.SENTENCE: identity_heads(Pooling.SENTENCE, n_layer),
+            Pooling.PREFIX: identity_heads(Pooling.PREFIX, n_layer)}
+
+
 def run(name, P, tokens, **params):
+    """Replay policy `name` over the states log(P) of sentences of `tokens[k]` tokens: (decision, document)."""
     n_layer = P.shape[1]
-    heads = {"sentence": identity_heads("sentence", n_layer), "prefix": identity_heads("prefix", n_layer)}
-    doc = ReplayDocument(np.log(P).astype(np.float32), tokens)
-    decision = make_policy(name, heads, n_layer, params).run(doc, doc.sentences)
-    return decision, doc
+    policy = make_policy(name, all_heads(n_layer), n_layer, params)
+    sentences = [range(n) for n in tokens]  # stand-ins of the right lengths
+    return replay(lambda doc: policy.read(doc, sentences), np.log(P).astype(np.float32), tokens)
 
 
 def test_accumulator_ignores_low_confidence_and_stops_on_excess():
@@ -48,9 +55,18 @@ def test_accumulator_ignores_low_confidence_and_stops_on_excess():
 def test_accumulator_needs_strictly_more_than_tau_acc_and_ties_go_to_lower_class():
     acc = Accumulator(2, tau_ignore=0.0, tau_acc=0.5)
     assert not acc.add(np.array([0.75, 0.25]))  # exactly 0.5 is not > 0.5
-    tie = Accumulator(3, tau_ignore=-1.0, tau_acc=10)
-    tie.add(np.array([0.4, 0.4, 0.2]))  # margin 0 in a tie; argmax → class 0
-    assert tie.totals.tolist() == [0.0, 0.0, 0.0] and tie.winner is None
+    assert acc.totals.tolist() == [0.5, 0.0] and acc.winner is None
+    # A cell where two classes tie for the top has margin 0. With τ_ignore < 0 it still counts, and with τ_acc < 0
+    # adding its 0 makes the class it went to win at once: that class must be the lower index of the tied pair.
+    for p, lower in (([0.4, 0.4, 0.2], 0), ([0.2, 0.4, 0.4], 1), ([0.3, 0.1, 0.3, 0.3], 0)):
+        tie = Accumulator(len(p), tau_ignore=-1.0, tau_acc=-0.5)
+        assert tie.add(np.array(p)), p
+        assert tie.winner == lower, p
+        decision = tie.decision(sentence=2, layer=7, read=3)
+        assert decision.label_index == lower and decision.fired and decision.probabilities[lower] == 1.0
+    # a tie that does not clear τ_ignore is ignored
+    ignored = Accumulator(2, tau_ignore=0.0, tau_acc=-0.5)
+    assert not ignored.add(np.array([0.5, 0.5])) and ignored.winner is None
 
 
 def test_paper2d_schedule():
@@ -87,7 +103,7 @@ def test_paper2d_fallback_deepens_to_the_last_layer():
 def test_sentence_policy_accumulates_at_the_last_layer():
     m = np.zeros((4, 3))
     m[:, 2] = [0.6, -0.4, 0.6, 0.9]
-    decision, doc = run("sentence", grid(*m), [3, 3, 3, 3], tau_ignore=0.5, tau_acc=1.0)
+    decision, doc = run("sentence-vote", grid(*m), [3, 3, 3, 3], tau_ignore=0.5, tau_acc=1.0)
     assert decision.fired and decision.exit_sentence == 2 and decision.label_index == 1
     assert doc.token_layers == 3 * 3 * 3 and doc.n_sentences == 3
 
@@ -112,18 +128,18 @@ def test_full_policy_reads_everything_once():
     assert doc.token_layers == 10 * 2 and doc.operations == 4 and doc.decode_calls == 1
 
 
-def test_ours_stops_on_the_prefix_mean_after_min_sentences():
+def test_prefix_mean_stops_on_the_prefix_mean_after_min_sentences():
     m = np.zeros((4, 6))
     m[:, 3] = [0.95, 0.95, 0.95, 0.95]
-    decision, doc = run("ours", grid(*m), [2, 2, 2, 2], depth=4, threshold=0.9, min_sentences=2)
+    decision, doc = run("prefix-mean", grid(*m), [2, 2, 2, 2], layer=3, threshold=0.9, min_sentences=2)
     assert decision.fired and decision.exit_sentence == 1 and decision.exit_layer == 3
     assert doc.token_layers == 2 * 2 * 4 and doc.operations == 2 * 4
 
 
-def test_ours_prefix_mean_of_log_probabilities():
+def test_prefix_mean_of_log_probabilities():
     m = np.zeros((2, 2))
     m[:, 1] = [0.8, -0.4]
-    decision, doc = run("ours", grid(*m), [1, 1], depth=2, threshold=0.99)
+    decision, doc = run("prefix-mean", grid(*m), [1, 1], layer=1, threshold=0.99)
     assert not decision.fired
     # the head reads the mean of the two log-probability vectors: a normalised geometric mean
     P = grid(*m)[:, 1]
@@ -131,14 +147,14 @@ def test_ours_prefix_mean_of_log_probabilities():
     np.testing.assert_allclose(decision.probabilities, want / want.sum(), rtol=1e-5)
 
 
-def test_ours_deepens_only_when_the_answer_is_unsure():
+def test_prefix_mean_deepens_only_when_the_answer_is_unsure():
     m = np.zeros((2, 6))
     m[:, 1] = [0.1, 0.1]
     m[:, 5] = [-0.9, -0.9]
-    decision, doc = run("ours", grid(*m), [3, 3], depth=2, threshold=0.9, deepen_depth=6, deepen_below=0.5)
+    decision, doc = run("prefix-mean", grid(*m), [3, 3], layer=1, threshold=0.9, deepen_layer=5, deepen_below=0.5)
     assert decision.exit_layer == 5 and decision.label_index == 0
     assert doc.token_layers == 6 * 2 + 6 * 6
-    sure, doc = run("ours", grid(*m), [3, 3], depth=2, threshold=0.9, deepen_depth=6, deepen_below=0.05)
+    sure, doc = run("prefix-mean", grid(*m), [3, 3], layer=1, threshold=0.9, deepen_layer=5, deepen_below=0.05)
     assert sure.exit_layer == 1 and doc.token_layers == 6 * 2
 
 
@@ -149,6 +165,55 @@ def test_unknown_policy_and_bad_parameters_are_bundle_errors():
     with pytest.raises(BundleError, match="unknown policy"):
         make_policy("fastest", heads, 4, {})
     with pytest.raises(BundleError, match="bad parameters"):
-        make_policy("sentence", heads, 4, {"tau": 1})
+        make_policy("sentence-vote", heads, 4, {"tau": 1})
     with pytest.raises(BundleError, match="prefix"):
-        make_policy("ours", heads, 4, {"depth": 2, "threshold": 0.5})
+        make_policy("prefix-mean", heads, 4, {"layer": 1, "threshold": 0.5})
+    with pytest.raises(BundleError, match="outside 0..3"):
+        make_policy("prefix-mean", all_heads(4), 4, {"layer": 4, "threshold": 0.5})
+    with pytest.raises(BundleError, match="either a fixed `layer` or a margin `threshold`"):
+        make_policy("layer", heads, 4, {"layer": 1, "threshold": 0.5})
+
+
+@pytest.mark.parametrize("name, params", [
+    ("full", {}),
+    ("layer", {"threshold": 0.7}),
+    ("layer", {"layer": 2, "pooling": "prefix"}),
+    ("sentence-vote", {"tau_ignore": 0.3, "tau_acc": 1.0}),
+    ("paper2d", {"tau_ignore": 0.2, "tau_acc": 1.0}),
+    ("paper2d", {"tau_ignore": 0.9, "tau_acc": 5.0}),  # never fires: the fallback deepens everything
+    ("prefix-mean", {"layer": 1, "threshold": 0.8, "min_sentences": 2, "deepen_layer": 5, "deepen_below": 0.9}),
+])
+def test_every_policy_reads_only_valid_kv_and_decides_as_in_replay(name, params):
+    """The same policy through the fake executor, which checks every decode starts where the cache ends over KV
+    valid to its depth, decides and costs exactly as replayed."""
+    assert name in POLICIES
+    rng = np.random.default_rng(7)
+    m = rng.uniform(-1, 1, size=(5, 6))
+    tokens = [3, 1, 4, 1, 5]
+    P = grid(*m)
+    replayed, replay_doc = run(name, P, tokens, **params)
+    fake = FakeExecutor(states=np.log(P).astype(np.float32))
+    doc = Document(4, 100, seq=1)
+    policy = make_policy(name, all_heads(6), 6, params)
+    decision = fake.run(policy.read(doc, [list(range(n)) for n in tokens]))
+    np.testing.assert_array_equal(decision.probabilities, replayed.probabilities)
+    assert (decision.exit_sentence, decision.exit_layer, decision.sentences_read, decision.fired) == (
+        replayed.exit_sentence, replayed.exit_layer, replayed.sentences_read, replayed.fired)
+    assert (doc.valid_depths, doc.token_layers, doc.operations) == (
+        replay_doc.valid_depths, replay_doc.token_layers, replay_doc.operations)
+    assert doc.token_layers <= fake.token_layers()  # stops inside the graph only ever save
+
+
+def test_policies_pull_sentences_only_as_far_as_they_read():
+    m = np.zeros((4, 6))
+    m[:, 3] = 0.95
+    pulled = []
+
+    def lazily():
+        for n in (2, 2, 2, 2):
+            pulled.append(n)
+            yield list(range(n))
+
+    policy = make_policy("prefix-mean", all_heads(6), 6, {"layer": 3, "threshold": 0.9, "min_sentences": 2})
+    decision = FakeExecutor(states=np.log(grid(*m)).astype(np.float32)).run(policy.read(Document(0, 100), lazily()))
+    assert decision.fired and decision.sentences_read == 2 and len(pulled) == 2

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from edge2dexit.convert.features import open_store
-from edge2dexit.convert.train import TrainSettings, export_head, head_module, inputs, train_heads
+from edge2dexit.convert.settings import TrainSettings
+from edge2dexit.convert.train import export_head, head_module, inputs, train_heads
 from edge2dexit.errors import InputError
 
 LABELS = ("neg", "pos", "mixed")
@@ -108,6 +109,19 @@ def test_inputs_are_sentence_means_and_running_prefix_means(tmp_path):
 
     with pytest.raises(InputError, match="pooling"):
         inputs(store, "tokens", 1, docs)
+
+    np.testing.assert_array_equal(store.layer_means(2, 1), stored[2][:, 1])
+    states, counts = store.document(2)
+    np.testing.assert_array_equal(states, stored[2])
+    np.testing.assert_array_equal(counts, [7] * 4)
+
+
+def test_train_settings_defaults_and_checks():
+    defaults = TrainSettings()
+    assert (defaults.kind, defaults.hidden, defaults.lr) == ("mlp", 64, 3e-4)
+    for bad in ({"kind": "conv"}, {"validation_fraction": 1.0}, {"hidden": 0}):
+        with pytest.raises(ValueError):
+            TrainSettings(**bad)
 
 
 def test_unusable_labels_are_refused(tmp_path):

@@ -11,7 +11,6 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-import click
 import typer
 
 from ..errors import Edge2DExitError, InputError
@@ -38,7 +37,7 @@ def friendly(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.UsageError):  # click prints usage errors and exits 2
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer prints usage errors and exits 2
             raise
         except Edge2DExitError as exc:
             typer.echo(f"edge2dexit: {exc}", err=True)

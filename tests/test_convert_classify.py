@@ -247,9 +247,16 @@ def test_quantize_produces_a_loadable_model(smollm2_path, tmp_path):
 
 def test_cli_eval_reads_the_bundles_own_split(tiny_bundle):
     runner = CliRunner()
-    res = runner.invoke(app, ["eval", "--bundle", str(tiny_bundle.bundle), "--split", "calibration", "--limit", "3",
+    res = runner.invoke(app, ["eval", "--bundle", str(tiny_bundle.bundle),
+                              "--data", str(tiny_bundle.bundle.parent / "reviews.csv"), "--split", "calibration", "--limit", "3",
                               "--policies", "prefix-mean,layer", "--n-ctx", "512"])
     assert res.exit_code == 0, res.output
     table = res.stdout
     assert table.startswith("3 documents, 30 layers")
     assert [line.split()[0] for line in table.splitlines()[2:6]] == ["full", "prefix-mean", "layer", "oracle"]
+
+
+def test_cli_eval_reads_no_file_a_bundle_names(tiny_bundle):
+    res = CliRunner().invoke(app, ["eval", "--bundle", str(tiny_bundle.bundle), "--n-ctx", "512"])
+    assert res.exit_code == 3, res.output
+    assert "pass --data FILE" in res.stderr and "Traceback" not in res.output

@@ -1,4 +1,5 @@
-"""`edge2dexit eval`: every policy live on llama.cpp over one split of the bundle's own data."""
+"""`edge2dexit eval`: every policy live on llama.cpp over one split of the bundle's own data, beside the baselines
+(TF-IDF + logistic regression trained on the bundle's training split, truncation at the best layer)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def evaluate_command(
     n_ctx: int = N_CTX,
     threads: Optional[int] = THREADS,
 ) -> None:
-    """Every policy live on llama.cpp over one split: accuracy, operations, token-layers, wall-clock, oracle."""
+    """Every policy live on llama.cpp over one split, beside TF-IDF and truncation baselines: accuracy with a 95%
+    interval, operations, token-layers, wall-clock, oracle."""
     from ..classifier import Classifier
-    from ..convert.data import DataSettings, make_splits
+    from ..convert.data import BUILTIN_SETS, DataSettings, make_splits
     from ..evaluate import evaluate
 
     names = _check_policies(policies) or POLICIES
@@ -54,14 +56,18 @@ def evaluate_command(
         recorded = dict(clf.bundle.calibration.get("data", {}))
         if data:
             recorded["data"] = data
-        if "data" not in recorded:
+        elif "data" not in recorded:
             raise InputError("this bundle does not say which data it was built from: pass --data")
+        elif recorded["data"] not in BUILTIN_SETS:  # a bundle's strings are never paths we read
+            raise InputError(f"this bundle was built from the file {recorded['data']!r}; eval reads only files you "
+                             "name: pass --data FILE")
         try:
             settings = DataSettings(**recorded)
         except TypeError as exc:
             raise BundleError(f"the bundle's record of its data cannot be read ({exc}): pass --data") from None
-        part = getattr(make_splits(settings), split)
-        result = evaluate(clf, part.texts[:limit], part.labels[:limit], names)
+        splits = make_splits(settings)  # the bundle's data settings rebuild its training split too, for TF-IDF
+        part = getattr(splits, split)
+        result = evaluate(clf, part.texts[:limit], part.labels[:limit], names, train=splits.train)
         typer.echo(result.table())
         if figures:
             from ..figures import write_figures

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,12 @@ MODEL_FILE = "model.gguf"
 MODEL_CARD = "README.md"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# A registry name, optionally with its format (models/registry.py): never a path, so that a bundle cannot point
+# the classifier at a file outside its directory.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9_]+)?")
+# Keys, tensors and metadata array items an exits file may declare: ~450 in the default bundle, ~2,000 for 128 layers.
+# gguf-py's reader builds numpy views per item (~1.5 KB each), so the bound keeps a hostile file under ~25 MB.
+MAX_ITEMS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,14 @@ class Bundle:
             raise BundleError(f"base model needs an architecture, layers and an embedding length, got {base}")
         if not _SHA256.fullmatch(base.sha256):
             raise BundleError(f"base model sha256 must be 64 lower-case hex digits, got {base.sha256!r}")
+        if base.name and not _MODEL_NAME.fullmatch(base.name):
+            raise BundleError(f"base model name {base.name!r} is not a registry name (a bundle names its model, "
+                              "it never gives a path)")
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
             raise BundleError(f"a bundle needs at least two distinct labels, got {list(self.labels)}")
+        for label in self.labels:
+            if not label.strip() or any(unicodedata.category(c) == "Cc" for c in label):
+                raise BundleError(f"label {label!r} is blank or holds control characters (which a terminal obeys)")
         _check_head_kind(self.head_kind)
         if not self.heads:
             raise BundleError("a bundle needs at least one set of exit heads")
@@ -107,11 +121,12 @@ class Bundle:
 
     @property
     def model_file(self) -> Path | None:
-        """The base model shipped in the bundle directory, if any."""
+        """The base model shipped in the bundle directory, if any (one that cannot be read is refused later, by the
+        model's own checks)."""
         if self.directory is None:
             return None
         path = self.directory / MODEL_FILE
-        return path if path.is_file() else None
+        return path if os.path.lexists(path) else None
 
     def check_base(self, sha256: str, architecture: str, n_layer: int, n_embd: int) -> None:
         """Refuse a model other than the one the heads were trained on: their inputs would be meaningless."""
@@ -215,22 +230,32 @@ def write_bundle(bundle: Bundle, directory: str | os.PathLike[str], half: bool =
 def load_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Read and validate a bundle directory or exits file; every refusal is one BundleError naming the file."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / EXITS_FILE).is_file():
-            raise BundleError(f"{path} is not a bundle: it has no {EXITS_FILE}")
+    if stat.S_ISDIR(_mode(path, f"bundle not found: {path} is neither a bundle directory nor an exits file")):
         path = path / EXITS_FILE
-    elif not path.is_file():
-        raise BundleError(f"bundle not found: {path} is neither a bundle directory nor an exits file")
+        _mode(path, f"{path.parent} is not a bundle: it has no {EXITS_FILE}")
     try:
         bundle = _read(path)
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from None
+    except UnicodeDecodeError:  # gguf-py decodes a string only when asked for its contents
+        raise BundleError(f"{path}: a string in its metadata is not UTF-8; copy or export the bundle again") from None
     bundle.directory = path.parent
     return bundle
 
 
+def _mode(path: Path, missing: str) -> int:
+    """The file mode of `path`, or BundleError: `missing` when nothing is there, else why it cannot be reached (a
+    symlink loop, no permission)."""
+    try:
+        return path.stat().st_mode
+    except FileNotFoundError:
+        raise BundleError(missing) from None
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read ({exc.strerror or exc})") from None
+
+
 def _open(path: Path) -> GGUFReader:
-    check_gguf(path, BundleError)
+    check_gguf(path, BundleError, MAX_ITEMS)
     try:
         return GGUFReader(path)
     except Exception as exc:  # the header walk passed, so this is damage gguf-py alone notices

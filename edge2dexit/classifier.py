@@ -20,7 +20,9 @@ after three sentences never pays for splitting or tokenizing the rest.
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Sequence
@@ -32,7 +34,7 @@ from .engine import Engine, EngineSettings
 from .errors import ContextOverflowError, Edge2DExitError, InputError
 from .models.registry import resolve_model
 from .policies import Decision, Policy, PolicyStream, make_policy
-from .texts import check_text
+from .texts import check_characters, check_text
 
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
 
@@ -107,6 +109,11 @@ class Classifier:
 
     One classification (or stream) runs at a time on one classifier; `classify_many` reads up to
     `settings.width` documents at once in shared decodes.
+
+    Thread-safe: `classify`, `classify_many` (while it is iterated) and a stream (until it is closed) each hold the
+    classifier's lock while they use its llama.cpp context, so threads sharing a classifier take turns and never mix
+    their documents' KV cache. For parallel work give each thread a Classifier of its own, or use `classify_many`.
+    Reading twice at once in one thread (a classify inside a classify_many loop) raises RuntimeError.
     """
 
     def __init__(
@@ -120,6 +127,9 @@ class Classifier:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE)
         self.model_path = resolve_model(model or self.bundle.model_file or self.bundle.base.name)
         self.truncate = truncate
+        self._lock = threading.Lock()
+        self._reader: int | None = None  # the thread holding the lock
+        self.closed = False
         self.engine = Engine.load(self.model_path, settings, prompt=self.bundle.task_prompt)
         try:
             self.bundle.check_base(
@@ -139,10 +149,11 @@ class Classifier:
         return tuple(self.bundle.labels)
 
     def classify(self, text: str, policy: str | None = None) -> Result:
-        started = time.perf_counter()
         name = policy or self.policy_name
-        doc = self.engine.document()
-        return self._finish(self.engine.run(self._reading(doc, text, name)), name, doc, started)
+        with self._engine_turn():
+            started = time.perf_counter()
+            doc = self.engine.document()
+            return self._finish(self.engine.run(self._reading(doc, text, name)), name, doc, started)
 
     def classify_many(
         self, texts: Iterable[str] | Iterable[tuple[Hashable, str]], policy: str | None = None
@@ -153,14 +164,15 @@ class Classifier:
         name = policy or self.policy_name
         self._policy(name)  # a bad policy name fails here, once, not once per text
         jobs = ((key, self._job(text, name)) for key, text in _keyed(texts))
-        for done in self.engine.run_many(jobs):
-            if done.error is not None:
-                if not isinstance(done.error, Edge2DExitError):
-                    raise done.error
-                yield done.key, done.error
-            else:
-                outcome, started = done.result
-                yield done.key, self._finish(outcome, name, done.doc, started)
+        with self._engine_turn():
+            for done in self.engine.run_many(jobs):
+                if done.error is not None:
+                    if not isinstance(done.error, Edge2DExitError):
+                        raise done.error
+                    yield done.key, done.error
+                else:
+                    outcome, started = done.result
+                    yield done.key, self._finish(outcome, name, done.doc, started)
 
     def __call__(self, texts: str | Sequence[str]) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         if isinstance(texts, str):
@@ -171,6 +183,22 @@ class Classifier:
         """Feed text piece by piece; see `Stream`. Only one stream or classification runs at a time."""
         name = policy or self.policy_name
         return Stream(self, name, self._policy(name))
+
+    @contextmanager
+    def _engine_turn(self) -> Iterator[None]:
+        """Hold the engine for one reader; other threads wait. The same thread cannot wait for itself: its second
+        reading would take the first one's sequence."""
+        if self._reader == threading.get_ident():
+            raise RuntimeError("this thread is already reading with this classifier (in classify_many or an open "
+                               "stream): finish or close that first, or use a second Classifier")
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("this classifier is closed")
+            self._reader = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._reader = None
 
     def _policy(self, name: str) -> Policy:
         """The bundle's default policy is built once; others when asked for."""
@@ -215,7 +243,11 @@ class Classifier:
         )
 
     def close(self) -> None:
-        self.engine.close()
+        """Free llama.cpp's model and context, once a reading in another thread has ended (this thread's own open
+        stream ends here)."""
+        with nullcontext() if self._reader == threading.get_ident() else self._lock:
+            self.closed = True
+            self.engine.close()
 
     def __enter__(self) -> "Classifier":
         return self
@@ -233,12 +265,19 @@ class Stream:
     """Text as it arrives (a live chat, a transcript): `feed` returns a Result as soon as the policy is confident,
     else None; `finish` decides on what was read. `prefix-mean` and `sentence-vote` decide while reading; `paper2d`
     needs the sentence count up front (its Δ = L/m), so like `full` and `layer` it decides at `finish`. Each piece
-    fed is split into sentences first. Closing the stream (or leaving `with`) frees its document's sequence."""
+    fed is split into sentences first. An open stream holds its classifier (see `Classifier`); closing it (or
+    leaving `with`) frees its document's sequence and the classifier."""
 
     def __init__(self, classifier: Classifier, name: str, policy: Policy):
         self.classifier, self.name = classifier, name
-        self.doc = classifier.engine.document()
-        self._policy_stream: PolicyStream = policy.stream(self.doc)
+        self._turn = ExitStack()
+        self._turn.enter_context(classifier._engine_turn())
+        try:
+            self.doc = classifier.engine.document()
+            self._policy_stream: PolicyStream = policy.stream(self.doc)
+        except BaseException:
+            self._turn.close()
+            raise
         self._fed = 0
         self._started = time.perf_counter()
         self.truncated = False
@@ -248,6 +287,7 @@ class Stream:
         if self.result is not None:
             return self.result
         clf = self.classifier
+        check_characters(text, "the streamed text")
         for piece in clf.bundle.splitter.sentences(text):
             tokens = clf.engine.tokenize(piece)
             if self.truncated or self._fed + len(tokens) > self.doc.capacity:
@@ -272,8 +312,12 @@ class Stream:
         return self.result
 
     def close(self) -> None:
-        """Forget what the stream read (the next document on this sequence would do it anyway)."""
-        self.classifier.engine.release(self.doc)
+        """Forget what the stream read (the next document on this sequence would do it anyway) and let others read."""
+        try:
+            if not self.classifier.closed:
+                self.classifier.engine.release(self.doc)
+        finally:
+            self._turn.close()
 
     def __enter__(self) -> "Stream":
         return self

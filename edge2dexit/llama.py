@@ -73,7 +73,7 @@ _ggml_backend_tensor_get.restype = None
 
 # --- logging and start-up: keep llama.cpp quiet, but remember its last errors for our messages ----------------
 
-_GGML_LOG_LEVEL_ERROR = 3
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h of the bundled llama.cpp (NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5)
 _recent_errors: list[str] = []
 
 

@@ -2,10 +2,17 @@
 
 Splitting is lazy: `Splitter.sentences(text)` yields sentences as far as the reader pulls them, so a document
 that exits after two sentences never pays for splitting the rest (pysbd costs ~2 ms per 1,000 characters here,
-docs/llama-cpp.md §7). pysbd runs over windows of `WINDOW` characters: every sentence of a window but the last
-is final, and the next window starts where that last (possibly cut) sentence starts; a window holding less than
-two sentences is widened. The result depends only on the text, never on how far it is read, so training and
-inference see the same sentences, and the work stays linear in the text's length.
+docs/llama-cpp.md §7). The result depends only on the text, never on how far it is read, so training and inference
+see the same sentences.
+
+pysbd runs over windows of `WINDOW` characters, because its cost grows with the square of what it reads at once
+(abbreviations, many short sentences: 4,000 characters of "Mr. " take 10× as long as 1,000). Every sentence of a
+window but the last is final, and the next window starts where that last (possibly cut) sentence starts; a window
+holding a single sentence is widened, up to `MAX_SENTENCE` characters, past which that sentence is cut after its
+last white space (or, with none, at the limit). Pieces are cut where pysbd's spans say a sentence starts, so they
+add up to the text but for white space: nothing is dropped or read twice, even where pysbd rewrites or drops a
+sentence. The work stays linear in the text's length, and pysbd's one pattern known to backtrack exponentially is
+replaced (`_NUMBERED_REFERENCE`).
 
 The token rule (training and inference both go through `Engine.tokenize`): the task prompt is tokenized once with
 the model's BOS; every sentence is tokenized on its own as `token_text(sentence)` = ``" " + sentence``, without BOS
@@ -24,12 +31,22 @@ from .errors import InputError
 
 SPLITTERS = ("pysbd", "regex")
 WINDOW = 1000  # characters pysbd reads at a time
+MAX_SENTENCE = 4 * WINDOW  # characters; a longer sentence is cut (~1,000 tokens: half the default context)
 
 # A sentence ends at . ! or ? (optionally followed by closing quotes/brackets) followed by white space,
-# or at a line break. Crude on abbreviations; ~300× faster than pysbd.
-_REGEX_BOUNDARY = re.compile(r"(?<=[.!?][\"'”’)\]])\s+|(?<=[.!?])\s+|\s*\n\s*")
+# or at a line break. Crude on abbreviations; ~300× faster than pysbd. (Leading white space of a line break is
+# left to the strip of each piece: `\s*\n` would rescan every run of spaces from each of its positions.)
+_REGEX_BOUNDARY = re.compile(r"(?<=[.!?][\"'”’)\]])\s+|(?<=[.!?])\s+|\n\s*")
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _LINE_END = re.compile(r"\r\n?")
+_SPACE = re.compile(r"\s*")
+
+# pysbd 0.3.4's NUMBERED_REFERENCE_REGEX ("cited.[12] The") repeats `(\d{1,3},?\s?-?\s?)*`: a run of digits splits
+# into groups in exponentially many ways, so "..[111 111 111 111 111 111 111 111 111 111" never ends (pySBD
+# issue #79). Here a number takes all its digits and a separator is `,? ?(- ?)?`, so each text matches one way; the
+# groups pysbd substitutes (\2 and \7) keep their numbers.
+_NUMBERED_REFERENCE = (r"(?<=[^\d\s])(\.|∯)((\[(\d{1,3}(?!\d),?\s?(?:-\s?)?)*\b\d{1,3}\])+|((\d{1,3}\s?)?\d{1,3}))"
+                       r"(\s)(?=[A-Z])")
 
 
 def token_text(sentence: str) -> str:
@@ -37,9 +54,15 @@ def token_text(sentence: str) -> str:
     return " " + sentence
 
 
+def normalise(text: str) -> str:
+    """The text the splitters read: HTML line breaks as white space, CR and CRLF as line ends."""
+    return _LINE_END.sub("\n", _HTML_BREAK.sub(" ", text))
+
+
 @dataclass(frozen=True)
 class Splitter:
-    """Splits text into sentences. `kind` is "pysbd" (accurate) or "regex" (fast, crude on abbreviations)."""
+    """Splits text into sentences. `kind` is "pysbd" (accurate) or "regex" (fast, crude on abbreviations).
+    A splitter holds no state between calls, so threads may share one."""
 
     kind: str = "pysbd"
     language: str = "en"
@@ -47,20 +70,24 @@ class Splitter:
     def __post_init__(self) -> None:
         if self.kind not in SPLITTERS:
             raise InputError(f"unknown sentence splitter {self.kind!r}; choose one of {', '.join(SPLITTERS)}")
+        if self.kind == "pysbd":
+            self._rules  # noqa: B018 - an unknown language fails here, not at the first text
 
     @cached_property
-    def _pysbd(self):
-        import pysbd
+    def _rules(self) -> type:
+        """pysbd's rules for the language, with the numbered-reference pattern that cannot backtrack."""
+        from pysbd.languages import Language
 
         try:
-            return pysbd.Segmenter(language=self.language, clean=False)
-        except ValueError as exc:  # pysbd raises ValueError for languages it does not know
-            raise InputError(f"pysbd has no sentence rules for language {self.language!r}") from exc
+            rules = Language.get_language_code(self.language)
+        except ValueError:
+            raise InputError(f"pysbd has no sentence rules for language {self.language!r}") from None
+        return type(rules.__name__, (rules,), {"NUMBERED_REFERENCE_REGEX": _NUMBERED_REFERENCE})
 
     def sentences(self, text: str) -> Iterator[str]:
         """The sentences of `text`, stripped, empty ones dropped, as far as they are pulled. HTML line breaks
         count as white space; CR and CRLF as line ends."""
-        text = _LINE_END.sub("\n", _HTML_BREAK.sub(" ", text))
+        text = normalise(text)
         pieces = self._pysbd_pieces(text) if self.kind == "pysbd" else _regex_pieces(text)
         return (s for s in (p.strip() for p in pieces) if s)
 
@@ -69,19 +96,35 @@ class Splitter:
         return list(self.sentences(text))
 
     def _pysbd_pieces(self, text: str) -> Iterator[str]:
+        import pysbd
+
+        # A segmenter of its own: pysbd keeps the text it reads on the segmenter, so sharing one is not thread-safe.
+        segmenter = pysbd.Segmenter(language=self.language, clean=False, char_span=True)
+        segmenter.language_module = self._rules
         start, window = 0, WINDOW
-        while start < len(text):
+        while (start := _SPACE.match(text, start).end()) < len(text):  # white space between pieces is no sentence
             end = min(len(text), start + window)
-            pieces = self._pysbd.segment(text[start:end])  # contiguous: they add up to the window (clean=False)
+            spans = segmenter.segment(text[start:end])
+            cuts = sorted({start + span.start for span in spans if span.start > 0})  # where sentences 2, 3… start
             if end == len(text):
-                yield from pieces
-                return
-            if len(pieces) < 2:  # one sentence longer than the window: widen it (doubling keeps this linear)
-                window *= 2
-                continue
-            yield from pieces[:-1]
-            start += sum(map(len, pieces[:-1]))
+                cuts.append(end)  # the last window: its last sentence is final too
+            elif not cuts:  # one sentence fills the window: widen it (doubling keeps this linear), or cut it
+                if window < MAX_SENTENCE:
+                    window *= 2
+                    continue
+                cuts = [_after_last_space(text, start, end)]
+            for cut in cuts:
+                yield text[start:cut]
+                start = cut
             window = WINDOW
+
+
+def _after_last_space(text: str, start: int, end: int) -> int:
+    """Where to cut text[start:end], which pysbd reads as one sentence: after its last white space, else at `end`."""
+    for i in range(end - 1, start, -1):
+        if text[i].isspace():
+            return i + 1
+    return end
 
 
 def _regex_pieces(text: str) -> Iterator[str]:

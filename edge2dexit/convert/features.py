@@ -63,7 +63,7 @@ def open_store(directory: str | Path) -> FeatureStore:
     states = np.memmap(directory / _STATES, dtype=np.float16, mode="r+", shape=shape)
     return FeatureStore(
         directory, offsets, np.array(meta["labels"]), meta["n_layer"], meta["n_embd"], meta["done"], states,
-        np.load(directory / _TOKENS),
+        np.load(directory / _TOKENS, allow_pickle=False),
     )
 
 

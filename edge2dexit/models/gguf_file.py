@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -48,12 +49,12 @@ def _string_end(buf: mmap.mmap, offset: int) -> int:
     return end
 
 
-def _value_end(buf: mmap.mmap, offset: int, vtype: int) -> int:
-    """Offset just past a metadata value of type `vtype` that starts at `offset`."""
+def _value_end(buf: mmap.mmap, offset: int, vtype: int) -> tuple[int, int]:
+    """Offset just past a metadata value of type `vtype` that starts at `offset`, and its number of array items."""
     if vtype in _SCALAR_SIZES:
-        return offset + _SCALAR_SIZES[vtype]
+        return offset + _SCALAR_SIZES[vtype], 0
     if vtype == GGUFValueType.STRING:
-        return _string_end(buf, offset)
+        return _string_end(buf, offset), 0
     if vtype != GGUFValueType.ARRAY:
         raise _Damaged(f"unknown metadata value type {vtype} at byte {offset}")
     item_type, count = struct.unpack_from("<IQ", buf, offset)
@@ -70,22 +71,25 @@ def _value_end(buf: mmap.mmap, offset: int, vtype: int) -> int:
         raise _Damaged(f"an array of type {item_type} at byte {offset} (nested arrays are not GGUF)")
     if offset > len(buf):
         raise _Damaged("a metadata array runs past the end of the file")
-    return offset
+    return offset, count
 
 
-def _walk(buf: mmap.mmap) -> GGUFSummary:
+def _walk(buf: mmap.mmap, max_items: int | None) -> GGUFSummary:
     version = _U32.unpack_from(buf, 4)[0]
     if version not in GGUF_VERSIONS:
         raise _Damaged(f"unsupported GGUF version {version} (edge2dexit reads {', '.join(map(str, GGUF_VERSIONS))})")
     n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-    offset, alignment = 24, GGUF_DEFAULT_ALIGNMENT
+    offset, alignment, n_items = 24, GGUF_DEFAULT_ALIGNMENT, n_kv + n_tensors
     for _ in range(n_kv):
         key_end = _string_end(buf, offset)
         key = buf[offset + 8 : key_end].decode("utf-8")
         vtype = _U32.unpack_from(buf, key_end)[0]
         if key == Keys.General.ALIGNMENT.name and vtype == GGUFValueType.UINT32:
             alignment = _U32.unpack_from(buf, key_end + 4)[0]
-        offset = _value_end(buf, key_end + 4, vtype)
+        offset, count = _value_end(buf, key_end + 4, vtype)
+        n_items += count
+    if max_items is not None and n_items > max_items:
+        raise _Damaged(f"it declares {n_items} keys, tensors and array items, more than the {max_items} expected")
     if alignment == 0 or alignment & (alignment - 1):
         raise _Damaged(f"invalid alignment {alignment}")
     tensors = []
@@ -113,19 +117,25 @@ def _walk(buf: mmap.mmap) -> GGUFSummary:
     return GGUFSummary(version, n_kv, n_tensors, data_end)
 
 
-def check_gguf(path: str | os.PathLike[str], error: type[Edge2DExitError] = ModelError) -> GGUFSummary:
-    """Raise `error` unless `path` is a complete, well-formed GGUF file; its header summary otherwise."""
+def check_gguf(
+    path: str | os.PathLike[str], error: type[Edge2DExitError] = ModelError, max_items: int | None = None
+) -> GGUFSummary:
+    """Raise `error` unless `path` is a complete, well-formed GGUF file; its header summary otherwise. `max_items`
+    bounds the keys, tensors and metadata array items, for files that gguf-py's reader will read in full: it builds
+    several objects per item, so a small file declaring millions of empty strings would cost gigabytes."""
     path = Path(path)
     try:
-        if not path.exists():
-            raise error(f"{path} does not exist")
-        if not path.is_file():
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:  # a dangling link too; other OSErrors (a loop, no permission) are said below
+            raise error(f"{path} does not exist") from None
+        if not stat.S_ISREG(mode):  # a directory, or a pipe that opening would wait on forever
             raise error(f"{path} is not a file; give the path of a .gguf file")
         with open(path, "rb") as f:
             if f.read(4) != _U32.pack(GGUF_MAGIC):
                 raise error(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _walk(buf)
+                return _walk(buf, max_items)
     except OSError as exc:  # unreadable, a symlink loop, a name too long…
         raise error(f"{path} cannot be read ({exc.strerror or exc})") from None
     except struct.error:  # a read past the end of the file

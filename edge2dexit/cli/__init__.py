@@ -3,7 +3,7 @@ each command lives in the module named after it)."""
 
 from __future__ import annotations
 
-from . import bench, classify, convert, evaluate, models  # noqa: F401  (each registers its commands on `app`)
+from . import bench, classify, convert, evaluate, models, ray  # noqa: F401  (each registers its commands on `app`)
 from .app import app
 
 

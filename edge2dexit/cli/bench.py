@@ -7,9 +7,11 @@ from typing import Optional
 
 import typer
 
+from ..engine import EngineSettings
 from ..errors import InputError
+from ..soak import CYCLES, DOCS, soak
 from .app import bench_app, friendly, read_text
-from .options import THREADS
+from .options import THREADS, WIDTH
 
 
 @bench_app.command("engine")
@@ -66,3 +68,19 @@ def bench_throughput(
     result = throughput_benchmark(baseline or bundle, bundle, texts, labels, sizes, extraction_docs=extraction_docs,
                                   n_threads=threads)
     typer.echo(result.table())
+
+
+@bench_app.command("soak")
+@friendly
+def bench_soak(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle directory or exits.gguf (default: "
+                                                                       "the built-in sentiment bundle)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: registry name or GGUF path "
+                                                                    "(default: the bundle's)."),
+    docs: int = typer.Option(DOCS, "--docs", min=3, help="Documents classified by one Classifier."),
+    cycles: int = typer.Option(CYCLES, "--cycles", min=3, help="Classifiers opened, used for one text and closed."),
+    width: int = WIDTH,
+    threads: Optional[int] = THREADS,
+) -> None:
+    """Resident memory and open file descriptors over a long run and over open/close cycles (Linux: /proc)."""
+    typer.echo(soak(docs, cycles, bundle, model, EngineSettings(width=width, n_threads=threads)).table())

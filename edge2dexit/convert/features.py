@@ -10,6 +10,7 @@ sentence), and `meta.json` (document offsets, labels, how many documents are don
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,16 @@ def extract(
             if contiguous - meta["done"] >= 8:
                 states.flush()
                 meta["done"] = contiguous
-                meta_path.write_text(json.dumps(meta))
+                _save_meta(meta_path, meta)
     states.flush()
     meta["done"] = len(texts)
-    meta_path.write_text(json.dumps(meta))
+    _save_meta(meta_path, meta)
     return open_store(directory)
+
+
+def _save_meta(path: Path, meta: dict) -> None:
+    """Write, then rename: a Ctrl-C in the middle leaves the previous progress whole, and the next run resumes
+    from it instead of failing on half a JSON file."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(meta))
+    os.replace(part, path)

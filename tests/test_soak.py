@@ -1,0 +1,63 @@
+"""The soak benchmark on the real SmolLM2 with small counts: the report has its three samples per run, and open file
+descriptors do not grow. Memory figures are only checked to be read; whether they stay flat over 10,000 documents
+is what `edge2dexit bench soak` measures (the figures go in the notes)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from edge2dexit.cli import app
+from edge2dexit.engine import EngineSettings
+from edge2dexit.soak import Phase, soak, soak_texts
+
+pytestmark = pytest.mark.llama
+
+
+@pytest.fixture(scope="module")
+def report():
+    return soak(docs=30, cycles=5, settings=EngineSettings(n_ctx=512, width=2))
+
+
+@pytest.mark.parametrize("run, count", [("documents", 30), ("cycles", 5)])
+def test_each_run_samples_start_middle_and_end(report, run, count):
+    phase = getattr(report, run)
+    assert isinstance(phase, Phase) and phase.name == run
+    assert [phase.start.done, phase.middle.done, phase.end.done] == [1, (count + 1) // 2, count]
+    for s in (phase.start, phase.middle, phase.end):
+        assert s.rss_mib > 0 and s.fds > 0
+
+
+@pytest.mark.parametrize("run", ["documents", "cycles"])
+def test_open_file_descriptors_do_not_grow(report, run):
+    phase = getattr(report, run)
+    assert phase.end.fds == phase.middle.fds
+    assert phase.drift("fds", "middle") == 0 and phase.flat("fds")
+
+
+def test_the_table_shows_every_sample_and_the_drifts(report):
+    table = report.table()
+    assert "one Classifier over 30 documents (width 2), then 5 Classifiers" in table
+    for run in ("documents", "cycles"):
+        rows = [line.split() for line in table.splitlines() if line.startswith(run)]
+        assert [r[1] for r in rows] == ["start", "middle", "end", "drift", "2nd"]
+    assert "flat: RSS" in table and "fds yes" in table
+
+
+def test_the_texts_vary():
+    texts = soak_texts()
+    assert len(set(texts)) == len(texts) > 100
+    assert len({len(t) for t in texts}) > 10
+
+
+def test_the_command_prints_the_table():
+    result = CliRunner().invoke(app, ["bench", "soak", "--docs", "3", "--cycles", "3", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    assert "one Classifier over 3 documents (width 1), then 3 Classifiers" in result.stdout
+
+
+def test_too_few_documents_or_cycles_are_refused():
+    with pytest.raises(ValueError, match="at least 3"):
+        soak(docs=2, cycles=5)
+    usage = CliRunner().invoke(app, ["bench", "soak", "--cycles", "2"])
+    assert usage.exit_code == 2 and "Invalid value for '--cycles'" in usage.stderr

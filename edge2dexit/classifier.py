@@ -21,6 +21,7 @@ after three sentences never pays for splitting or tokenizing the rest.
 from __future__ import annotations
 
 import threading
+import os
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -37,6 +38,12 @@ from .policies import Decision, Policy, PolicyStream, make_policy
 from .texts import check_characters, check_text
 
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
+
+
+def base_model_path(bundle: Bundle, model: str | os.PathLike[str] | None = None) -> Path:
+    """The model file a bundle is read with: `model` if given, else the one shipped in the bundle, else its base
+    model by registry name (pulled into the cache if missing)."""
+    return resolve_model(model or bundle.model_file or bundle.base.name)
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,7 @@ class Classifier:
         truncate: bool = False,
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE)
-        self.model_path = resolve_model(model or self.bundle.model_file or self.bundle.base.name)
+        self.model_path = base_model_path(self.bundle, model)
         self.truncate = truncate
         self._lock = threading.Lock()
         self._reader: int | None = None  # the thread holding the lock

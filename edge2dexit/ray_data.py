@@ -33,10 +33,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from .bundle import load_bundle
-from .classifier import DEFAULT_BUNDLE, Classifier, Result
+from .classifier import DEFAULT_BUNDLE, Classifier, Result, base_model_path
 from .engine import EngineSettings
 from .errors import Edge2DExitError, InputError
-from .models.registry import resolve_model
 from .texts import decode_text
 
 if TYPE_CHECKING:
@@ -160,7 +159,7 @@ def classify_dataset(
     loaded = load_bundle(bundle or DEFAULT_BUNDLE)
     if policy is not None:
         loaded.policy_params(policy)
-    model_path = resolve_model(model or loaded.model_file or loaded.base.name).resolve()
+    model_path = base_model_path(loaded, model).resolve()
     return dataset.map_batches(
         ClassifyBatch,
         compute=ray.data.ActorPoolStrategy(size=concurrency),

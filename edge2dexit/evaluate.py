@@ -13,10 +13,8 @@ with a 95% Wilson score interval: test splits of 100–1,000 documents leave sev
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -27,11 +25,11 @@ from .document import sentence_by_sentence
 from .engine import PlainReader
 from .heads import ExitHeads, Pooling, running_means, whole_text_input
 from .policies import POLICIES
+from .stats import wilson_interval
 
 if TYPE_CHECKING:
     from .convert.data import LabelledSet
 
-Z95 = NormalDist().inv_cdf(0.975)  # 1.96: a two-sided 95% interval
 
 
 @dataclass
@@ -122,15 +120,6 @@ def _per(numerator: float, value: float | None) -> float | None:
 def _cell(value: float | None, spec: str, unit: str = "") -> str:
     """A table cell: the number formatted, or a dash as wide when the row has no such figure."""
     return f"{value:{spec}}{unit}" if value is not None else "—".rjust(len(f"{0:{spec}}{unit}"))
-
-
-def wilson_interval(hits: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of the proportion hits / n. Unlike p ± z·sqrt(p(1 − p)/n) it stays inside [0, 1]
-    and keeps a width at 0 or n hits, which small test splits and good classifiers reach."""
-    p, z2 = hits / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def macro_f1(truth: Sequence[int], predicted: Sequence[int], n_classes: int) -> float:

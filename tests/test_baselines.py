@@ -16,7 +16,8 @@ from edge2dexit.cli import app
 from edge2dexit.convert.data import DataSettings, make_splits
 from edge2dexit.document import sentence_by_sentence
 from edge2dexit.engine import EngineSettings
-from edge2dexit.evaluate import Z95, evaluate, wilson_interval
+from edge2dexit.evaluate import evaluate
+from edge2dexit.stats import Z95, wilson_interval
 from edge2dexit.heads import whole_text_input
 
 tiny_bundle = test_convert_classify.tiny_bundle  # the same fixture: a bundle converted from a few dozen reviews

@@ -5,6 +5,7 @@ point within the tolerance of the best single layer."""
 from __future__ import annotations
 
 import json
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from edge2dexit.convert.calibrate import calibrate, grid, layer_accuracies, pare
 from edge2dexit.convert.features import open_store
 from edge2dexit.heads import ExitHead, ExitHeads, Pooling
 from edge2dexit.policies import POLICIES
+from edge2dexit.stats import paired_lower_bound
 
 N_LAYER, C = 4, 2
 LABELS = ("neg", "pos")
@@ -80,3 +82,25 @@ def test_pareto_keeps_the_points_nothing_beats():
     points = [Point("p", {"i": i}, a, c, c) for i, (a, c) in enumerate([(0.9, 0.5), (0.8, 0.2), (0.85, 0.6),
                                                                         (0.95, 1.0), (0.8, 0.3)])]
     assert [p.params["i"] for p in pareto(points)] == [1, 0, 3]
+
+
+def test_a_small_split_holds_the_operating_point_to_a_confident_bound(store):
+    """Layer 0 is right on half of the four documents, the best layer on all: a tolerance of 0.5 admits layer 0 as
+    measured, but four documents cannot show with 95% confidence that it loses no more than that."""
+    as_measured = calibrate(store, HEADS, ["layer"], tolerance=0.5, confidence=0.0)
+    assert as_measured.chosen["layer"].params["layer"] == 0 and as_measured.loss_bound["layer"] == 0.5
+    confident = calibrate(store, HEADS, ["layer"], tolerance=0.5, confidence=0.95)
+    assert confident.chosen["layer"].params["layer"] == 1 and confident.meets_target("layer")
+    assert confident.loss_bound["layer"] == 0.0  # right on the same documents as the best layer: no doubt at all
+    assert "95% confidence" in confident.describe_target() and "4 calibration documents" in confident.describe_target()
+
+
+def test_paired_lower_bound():
+    reference = np.array([1, 1, 0, 1, 0, 1, 1, 1], dtype=bool)
+    assert paired_lower_bound(reference, reference, 0.95) == 0.0
+    one_more_error = reference.copy()
+    one_more_error[0] = False
+    assert paired_lower_bound(one_more_error, reference, 0.0) == pytest.approx(-1 / 8)
+    bound = paired_lower_bound(one_more_error, reference, 0.95)
+    assert bound == pytest.approx(-1 / 8 - NormalDist().inv_cdf(0.95) * np.std([-1] + [0] * 7, ddof=1) / np.sqrt(8))
+    assert paired_lower_bound(one_more_error, reference, 0.99) < bound < -1 / 8

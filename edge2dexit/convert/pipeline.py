@@ -23,6 +23,7 @@ from ..heads import Pooling
 from ..llama import quantize
 from ..models.registry import identify, resolve_model
 from ..policies import POLICIES
+from ..stats import wilson_interval
 from .calibrate import Calibration, Point, calibrate, layer_accuracies, replay
 from .data import make_splits
 from .features import FeatureStore, extract
@@ -40,16 +41,23 @@ class ConvertReport:
     splits: str
     calibration: Calibration
     test: dict[str, Point]
+    test_docs: int
     test_layer_accuracy: dict[str, list[float]]
     seconds: dict[str, float]
 
+    def interval(self, point: Point) -> tuple[float, float]:
+        """95% interval of a test accuracy."""
+        return wilson_interval(round(point.accuracy * self.test_docs), self.test_docs)
+
     def summary(self) -> str:
-        lines = [self.splits, "", f"{'policy':13} {'test acc':>9} {'token-layers':>13} {'operations':>11}  parameters"]
+        lines = [self.splits, "", f"{'policy':13} {'test acc':>9} {'95% interval':>14} {'loss bound':>11} "
+                                  f"{'token-layers':>13} {'operations':>11}  parameters"]
         for name, p in self.test.items():
-            lines.append(f"{name:13} {p.accuracy:9.3f} {1 / p.cost:12.2f}× {1 / p.operations:10.2f}×  {p.params}")
-        best = self.calibration.best_layer
-        lines.append(f"(speed-ups against full depth; calibration target {self.calibration.target:.3f} = best layer "
-                     f"{best['pooling']}@{best['layer']} {self.calibration.best_layer_accuracy:.3f} − {self.calibration.tolerance})")
+            low, high = self.interval(p)
+            lines.append(f"{name:13} {p.accuracy:9.3f}   {low:.3f}–{high:.3f} {self.calibration.loss_bound[name]:11.3f} "
+                         f"{1 / p.cost:12.2f}× {1 / p.operations:10.2f}×  {p.params}")
+        lines.append(f"(speed-ups against full depth; loss bound: on calibration, against the best layer; "
+                     f"{self.calibration.describe_target()})")
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
@@ -94,12 +102,12 @@ def convert(settings: ConvertSettings) -> ConvertReport:
     heads = {pooling: train_heads(stores["train"], label_names, pooling, settings.head)[0] for pooling in Pooling.ALL}
     timings["training"] = time.perf_counter() - started - sum(timings.values())
 
-    calibration = calibrate(stores["calibration"], heads, POLICIES, settings.tolerance)
+    calibration = calibrate(stores["calibration"], heads, POLICIES, settings.tolerance, settings.confidence)
     test = {name: replay(stores["test"], heads, name, point.params) for name, point in calibration.chosen.items()}
     layer_acc = {k: v.round(4).tolist() for k, v in layer_accuracies(stores["test"], heads).items()}
     timings["calibration"] = time.perf_counter() - started - sum(timings.values())
 
-    meets = [n for n, p in calibration.chosen.items() if p.accuracy >= calibration.target]
+    meets = [n for n in calibration.chosen if calibration.meets_target(n)]
     default = min(meets, key=lambda n: calibration.chosen[n].cost) if meets else "full"
     bundle = Bundle(
         base=base,
@@ -114,7 +122,7 @@ def convert(settings: ConvertSettings) -> ConvertReport:
         head_hidden=settings.head.hidden if settings.head.kind == "mlp" else 0,
     )
     write_bundle(bundle, out)
-    report = ConvertReport(out, splits.describe(), calibration, test, layer_acc, timings)
+    report = ConvertReport(out, splits.describe(), calibration, test, len(splits.test), layer_acc, timings)
     (out / MODEL_CARD).write_text(model_card(settings, bundle, report))
     return report
 
@@ -133,8 +141,11 @@ def _plain(value: Any) -> Any:
 
 def model_card(settings: ConvertSettings, bundle: Bundle, report: ConvertReport) -> str:
     base = bundle.base
+    calibration = report.calibration
     rows = "\n".join(
-        f"| {name} | {p.accuracy:.3f} | {1 / p.cost:.2f}× | {1 / p.operations:.2f}× | `{json.dumps(p.params)}` |"
+        f"| {name} | {p.accuracy:.3f} | {'–'.join(f'{x:.3f}' for x in report.interval(p))} | "
+        f"{calibration.chosen[name].accuracy:.3f} | {calibration.loss_bound[name]:.3f} | {1 / p.cost:.2f}× | "
+        f"{1 / p.operations:.2f}× | `{json.dumps(p.params)}` |"
         for name, p in report.test.items()
     )
     return f"""# edge2dexit bundle
@@ -156,11 +167,13 @@ def model_card(settings: ConvertSettings, bundle: Bundle, report: ConvertReport)
 ## Test split (each policy with its parameters calibrated on the calibration split)
 
 Speed-ups are against reading every token through every layer: token-layers as llama.cpp computes them
-(re-decodes included), operations as the paper counts them. Accuracy target on calibration:
-best single layer ({report.calibration.best_layer}) {report.calibration.best_layer_accuracy:.3f} − {report.calibration.tolerance}.
+(re-decodes included), operations as the paper counts them. Calibration {calibration.describe_target()}.
+"Loss bound" is how much accuracy, at most, each policy's point gives up against that layer on calibration
+({calibration.confidence:.0%} one-sided; above {calibration.tolerance} means no point of the policy met the target and
+its most accurate point was kept). The test interval is a 95% Wilson interval over {report.test_docs} documents.
 
-| policy | accuracy | token-layer speed-up | operation speed-up | parameters |
-|---|---|---|---|---|
+| policy | test accuracy | 95% interval | calibration accuracy | loss bound | token-layer speed-up | operation speed-up | parameters |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 Per-layer test accuracy, whole text (sentence head on the last sentence / prefix head on all sentences):

@@ -41,7 +41,8 @@ class ConvertSettings:
     prompt: str | None = None  # default: a sentiment prompt for imdb, a generic one otherwise
     max_sentences: int | None = 20  # sentences per document kept for features (bounds the cost)
     head: TrainSettings = field(default_factory=TrainSettings)
-    tolerance: float = 0.02
+    tolerance: float = 0.02  # accuracy a policy's operating point may lose against the best single layer
+    confidence: float = 0.95  # with which the loss must be at most `tolerance` on calibration (0: as measured)
     quant: str = "keep"
     engine: EngineSettings = field(default_factory=EngineSettings)  # how features are read (width: batching)
     work: Path | None = None  # feature stores (default: OUT/features); reused when the inputs match

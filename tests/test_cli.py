@@ -65,6 +65,7 @@ def assert_one_message(result, *words):
     (["eval", "--policies", "full,ours"], ("Invalid value", "ours")),
     (["convert", "-m", "m", "-d", "d", "-o", "o", "--head", "conv"], ("Invalid value for '--head'", "'conv'")),
     (["convert", "-m", "m", "-d", "d", "-o", "o", "--quant", "q3"], ("Invalid value for '--quant'", "'q3'")),
+    (["convert", "-m", "m", "-d", "d", "-o", "o", "--split", "0.8,0.2"], ("Invalid value for '--split'", "'0.8,0.2'")),
 ])
 def test_usage_errors_exit_2_with_one_message(args, words):
     result = invoke(*args)

@@ -28,6 +28,16 @@ def _choice(allowed: tuple[str, ...]):
     return check
 
 
+def _fractions(value: str) -> tuple[float, float, float]:
+    try:
+        fractions = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3:
+        raise typer.BadParameter(f"{value!r} is not three comma-separated fractions (e.g. 0.6,0.2,0.2)")
+    return fractions
+
+
 @app.command()
 @friendly
 def convert(
@@ -40,6 +50,8 @@ def convert(
     per_class: int = typer.Option(_DATA.per_class, min=0, help="Balanced subsample: documents per class (0: all)."),
     min_sentences: int = typer.Option(_DATA.min_sentences, min=0, help="Keep only texts with at least this many sentences."),
     max_sentences: int = typer.Option(_CONVERT.max_sentences, min=1, help="Sentences per document read for features."),
+    split: str = typer.Option(",".join(map(str, _DATA.fractions)), "--split", callback=_fractions,
+                              help="Train, calibration and test fractions of the documents, comma-separated."),
     seed: int = typer.Option(_DATA.seed, help="Seed of the subsample, the splits and training."),
     head: str = typer.Option(_TRAIN.kind, callback=_choice(tuple(HEAD_LINEARS)),
                              help="Exit head kind: mlp (the paper's d→hidden→C) or linear."),
@@ -47,6 +59,8 @@ def convert(
     lr: float = typer.Option(_TRAIN.lr, min=0.0, help="Learning rate of head training."),
     tolerance: float = typer.Option(_CONVERT.tolerance, "--tolerance", "-T", min=0.0,
                                     help="Accuracy a policy may lose against the best single layer."),
+    confidence: float = typer.Option(_CONVERT.confidence, min=0.0, max=0.999,
+                                     help="Confidence that the loss is at most T on calibration (0: as measured)."),
     quant: str = typer.Option(KEEP, callback=_choice((KEEP, *QUANT_TYPES)),
                               help=f"Re-quantize the base model into the bundle: {', '.join((KEEP, *QUANT_TYPES))}."),
     work: Optional[Path] = typer.Option(None, help="Feature store directory (default OUT/features); resumes."),
@@ -59,9 +73,10 @@ def convert(
 
     settings = ConvertSettings(
         model=model,
-        data=DataSettings(data, text_column, label_column, per_class or None, min_sentences, seed=seed),
+        data=DataSettings(data, text_column, label_column, per_class or None, min_sentences, split,
+                          seed=seed),
         out=out, prompt=prompt, max_sentences=max_sentences,
-        head=TrainSettings(kind=head, hidden=hidden, lr=lr, seed=seed), tolerance=tolerance, quant=quant,
+        head=TrainSettings(kind=head, hidden=hidden, lr=lr, seed=seed), tolerance=tolerance, confidence=confidence, quant=quant,
         engine=engine_settings(n_ctx, width, threads), work=work,
     )
     typer.echo(run_convert(settings).summary())

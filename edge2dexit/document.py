@@ -225,11 +225,22 @@ def sentence_by_sentence(
     return np.stack(means)
 
 
+def whole_text(
+    doc: Document, sentences: Sequence[Tokens], depth: int, layers: Sequence[int] | None = None
+) -> Reading[np.ndarray]:
+    """Read `sentences` in one decode at `depth`, stacked as `sentence_by_sentence` stacks them. This is the plain
+    full decode of the token stream that exactness is defined against; it differs from a read one sentence per
+    decode by llama.cpp's batching noise only (docs/llama-cpp.md §5), and one graph of the whole text costs less
+    than a graph per sentence (docs/llama-cpp.md §4). How `convert` reads features."""
+    read = yield from doc.append(sentences, depth, layers)
+    return np.stack([sentence.means for sentence in read])
+
+
 class Replay:
     """Answers a document's requests from stored sentence means instead of llama.cpp: `states[k]` is sentence k's
     mean state at every layer ([n_sentences, n_layer, n_embd]). Calibration replays thousands of parameter settings
     over stored features this way, with the very policy code the runtime runs. Stored states come from one decode
-    per sentence, so a replayed one-pass read differs from a live one only by llama.cpp's batching noise
+    of the whole text (`whole_text`), so a replayed read differs from a live one only by llama.cpp's batching noise
     (docs/llama-cpp.md §5)."""
 
     def __init__(self, states: np.ndarray):

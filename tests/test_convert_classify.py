@@ -16,13 +16,14 @@ from typer.testing import CliRunner
 from edge2dexit import Classifier
 from edge2dexit.bundle import load_bundle, write_exits
 from edge2dexit.cli import app
-from edge2dexit.convert.data import DataSettings
+from edge2dexit.convert.data import DataSettings, make_splits
 from edge2dexit.convert.pipeline import convert
 from edge2dexit.convert.settings import ConvertSettings, TrainSettings
 from edge2dexit.document import sentence_by_sentence
 from edge2dexit.engine import EngineSettings
 from edge2dexit.errors import InputError
 from edge2dexit.policies import POLICIES
+from edge2dexit.throughput import throughput_benchmark
 
 pytestmark = pytest.mark.llama
 
@@ -260,3 +261,21 @@ def test_cli_eval_reads_no_file_a_bundle_names(tiny_bundle):
     res = CliRunner().invoke(app, ["eval", "--bundle", str(tiny_bundle.bundle), "--n-ctx", "512"])
     assert res.exit_code == 3, res.output
     assert "pass --data FILE" in res.stderr and "Traceback" not in res.output
+
+
+def test_throughput_benchmark_runs_every_configuration_with_agreeing_labels(tiny_bundle):
+    """The benchmark's machinery on the real model (no timing asserted): every configuration and policy has a row,
+    batching at W = 2 gives the labels of W = 1, and extraction is timed both ways."""
+    splits = make_splits(DataSettings(**load_bundle(tiny_bundle.bundle).calibration["data"]))
+    texts = splits.test.texts[:4]
+    labels = [splits.test.label_names[y] for y in splits.test.labels[:4]]
+    result = throughput_benchmark(tiny_bundle.bundle, tiny_bundle.bundle, texts, labels, widths=(1, 2),
+                                  extraction_docs=2, n_ctx=512)
+    assert {(r.config.rsplit(", ", 1)[-1], r.policy) for r in result.rows} >= {
+        ("one at a time", "full"), ("W=1", "full"), ("W=2", "full")}
+    by_config = {(r.config, r.policy): r.predicted for r in result.rows}
+    for policy in {r.policy for r in result.rows}:
+        batched = [labels for (config, p), labels in by_config.items() if p == policy and "W=" in config]
+        assert batched[0] == batched[1] and len(batched[0]) == 4
+    assert [k.rsplit(", ", 1)[-1] for k in result.extraction] == ["sentence by sentence", "whole text", "whole text"]
+    assert "feature extraction" in result.table()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge2dexit.document import Decode, Document, Forget, SentenceMeans, replay, sentence_by_sentence
+from edge2dexit.document import Decode, Document, Forget, SentenceMeans, replay, sentence_by_sentence, whole_text
 from edge2dexit.errors import ContextOverflowError
 
 from fakes import FakeExecutor, new_document, sentences, state
@@ -124,6 +124,14 @@ def test_sentence_by_sentence_stacks_means_one_decode_each():
     assert means.shape == (3, 2, 4)
     np.testing.assert_array_equal(means[2, 1], state(2, 3))
     assert doc.decode_calls == 3 and doc.token_layers == 6 * 4
+
+
+def test_whole_text_stacks_the_same_means_in_one_decode():
+    fake, doc = FakeExecutor(), new_document()
+    means = fake.run(whole_text(doc, sentences(2, 2, 2), 4, layers=[1, 3]))
+    np.testing.assert_array_equal(means, FakeExecutor().run(sentence_by_sentence(new_document(), sentences(2, 2, 2),
+                                                                                 4, layers=[1, 3])))
+    assert doc.decode_calls == 1 and doc.token_layers == 6 * 4
 
 
 def test_replay_reads_stored_states_like_the_fake_reads_its_own():

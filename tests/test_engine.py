@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from edge2dexit.document import sentence_by_sentence
+from edge2dexit.document import sentence_by_sentence, whole_text
 from edge2dexit.engine import Engine, EngineSettings, PlainReader
 from edge2dexit.errors import ContextOverflowError
 from edge2dexit.sentences import Splitter
@@ -98,6 +98,18 @@ def test_one_pass_matches_sentence_by_sentence_within_tolerance(any_engine, refe
     for got, want in zip(states, ref):
         cos = (got.means * want.means).sum(1) / np.linalg.norm(got.means, axis=1) / np.linalg.norm(want.means, axis=1)
         assert cos.min() > 0.998
+
+
+def test_whole_text_is_one_plain_decode_of_the_token_stream(any_engine, reference):
+    """What convert stores: bit-identical to appending the whole text in one decode, and within batching noise of
+    the runtime's sentence-by-sentence read (measured on 8 IMDB reviews of 325 tokens: cosine ≥ 0.9997)."""
+    tokens, ref = reference
+    stacked = any_engine.run(whole_text(any_engine.document(), tokens, any_engine.n_layer))
+    one_decode = any_engine.run(any_engine.document().append(tokens, any_engine.n_layer))
+    np.testing.assert_array_equal(stacked, np.stack([s.means for s in one_decode]))
+    by_sentence = np.stack([s.means for s in ref])
+    cos = (stacked * by_sentence).sum(-1) / np.linalg.norm(stacked, axis=-1) / np.linalg.norm(by_sentence, axis=-1)
+    assert cos.min() > 0.998
 
 
 def test_callback_exception_is_raised_and_context_stays_usable(any_engine, reference, monkeypatch):

@@ -1,6 +1,8 @@
-"""Per-sentence, per-layer features read through the runtime engine itself, so training sees exactly the
-states inference reads: each document is fed sentence by sentence (one decode each) at full depth, and the
-mean state of every sentence at every layer is stored as fp16 in a memory-mapped array.
+"""Per-sentence, per-layer features read through the runtime engine itself: each document is decoded whole, in one
+graph at full depth (the plain full decode that exactness is defined against; the runtime's sentence-by-sentence
+reads differ from it by batching noise only), and the mean state of every sentence at every layer is stored as
+fp16 in a memory-mapped array. One graph per text instead of one per sentence is what makes extraction fast
+enough for thousands of documents (docs/llama-cpp.md §4).
 
 A store is a directory: `states.f16` ([total sentences, n_layer, n_embd]), `tokens.npy` (tokens per
 sentence), and `meta.json` (document offsets, labels, how many documents are done). Extraction writes
@@ -20,12 +22,13 @@ import numpy as np
 
 from tqdm import tqdm
 
-from ..document import sentence_by_sentence
+from ..document import whole_text
 from ..engine import Engine
 from ..errors import ContextOverflowError, InputError
 from ..sentences import Splitter
 
 _META, _STATES, _TOKENS = "meta.json", "states.f16", "tokens.npy"
+READING = "whole text, one decode"  # recorded in meta.json: a store read another way is never resumed into
 
 
 @dataclass
@@ -93,6 +96,7 @@ def extract(
         "labels": [int(x) for x in labels],
         "n_layer": engine.n_layer,
         "n_embd": engine.n_embd,
+        "reading": READING,
         "done": 0,
     }
     meta_path = directory / _META
@@ -108,7 +112,7 @@ def extract(
     # so a resumed run redoes at most the documents that were in flight.
     first = meta["done"]
     finished = np.zeros(len(texts) - first, dtype=bool)
-    jobs = ((i, lambda doc, i=i: sentence_by_sentence(doc, tokens[i], engine.n_layer)) for i in range(first, len(texts)))
+    jobs = ((i, lambda doc, i=i: whole_text(doc, tokens[i], engine.n_layer)) for i in range(first, len(texts)))
     with tqdm(total=len(texts), initial=first, desc=f"features {directory.name}", unit="doc", file=sys.stderr,
               disable=None) as progress:
         for done in engine.run_many(jobs):

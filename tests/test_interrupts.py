@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from edge2dexit.bundle import load_bundle
 from edge2dexit.cli import app
 from edge2dexit.convert.features import extract
-from edge2dexit.engine import Engine
+from edge2dexit.engine import Engine, EngineSettings
 from edge2dexit.llama import _LayerTap
 from edge2dexit.sentences import Splitter
 from test_convert_classify import synthetic_reviews
@@ -142,3 +143,12 @@ def test_ctrl_c_while_the_feature_store_saves_its_progress_keeps_the_last_one(sm
     keyboard.started = 0
     assert extract(smollm2_engine, texts, [0] * len(texts), Splitter("regex"), store).done == len(texts)
     assert keyboard.started == 2
+
+
+def test_a_store_made_with_another_prompt_is_read_again_not_resumed(smollm2_engine, smollm2_path, tmp_path):
+    texts, labels, store = ["A fine film. I liked it.", "A dull film. I left early."], [1, 0], tmp_path / "store"
+    before = np.array(extract(smollm2_engine, texts, labels, Splitter("regex"), store).states)
+    with Engine.load(smollm2_path, EngineSettings(n_ctx=512), prompt="Topic of this text:") as other:
+        again = extract(other, texts, labels, Splitter("regex"), store)
+        assert json.loads((store / "meta.json").read_text())["prompt_tokens"] == list(other.prompt_tokens)
+    assert again.done == 2 and not np.array_equal(np.array(again.states), before)

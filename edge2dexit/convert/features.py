@@ -5,8 +5,9 @@ fp16 in a memory-mapped array. One graph per text instead of one per sentence is
 enough for thousands of documents (docs/llama-cpp.md §4).
 
 A store is a directory: `states.f16` ([total sentences, n_layer, n_embd]), `tokens.npy` (tokens per
-sentence), and `meta.json` (document offsets, labels, how many documents are done). Extraction writes
-`meta.json` after every few documents, so an interrupted run resumes where it stopped.
+sentence), and `meta.json` (document offsets, labels, what made the states, how many documents are done).
+Extraction writes `meta.json` after every few documents, so an interrupted run resumes where it stopped; a store
+made from other texts, another model file, prompt or way of reading starts again from nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from tqdm import tqdm
 
+from ..cache import sha256_file
 from ..document import whole_text
 from ..engine import Engine
 from ..errors import ContextOverflowError, InputError
@@ -97,6 +99,9 @@ def extract(
         "n_layer": engine.n_layer,
         "n_embd": engine.n_embd,
         "reading": READING,
+        # what else the states depend on: a store made with another model file or task prompt is never resumed
+        "model_sha256": sha256_file(engine.model.path),
+        "prompt_tokens": [int(t) for t in engine.prompt_tokens],
         "done": 0,
     }
     meta_path = directory / _META

@@ -1,5 +1,5 @@
 """Shared fixtures. Tests run the real llama.cpp on real small models, pulled into the user cache beforehand
-(`edge2dexit models pull smollm2-135m gemma3-270m`, as .ci/run does): no test downloads anything.
+(`edge2dexit models pull smollm2-135m@q8_0 gemma3-270m`, as .ci/run does): no test downloads anything.
 
 No test writes into the real cache: every test (and every session- or module-scoped fixture) sees an
 EDGE2DEXIT_HOME of its own, whose `models/` holds links to the real cached model files and whose `sha256.json`
@@ -19,7 +19,7 @@ import pytest
 from edge2dexit.cache import HOME_ENV, cache_dir
 from edge2dexit.engine import Engine, EngineSettings
 from edge2dexit.errors import ModelError
-from edge2dexit.models.registry import resolve_model
+from edge2dexit.models.registry import DEFAULT_MODEL, resolve_model
 
 TASK_PROMPT = "Classify the sentiment of this movie review.\nReview:"
 REVIEW = (
@@ -31,7 +31,8 @@ REVIEW = (
 
 # The real cache: $EDGE2DEXIT_HOME as set when pytest started, else the package's default.
 REAL_HOME: Path = cache_dir()
-MODEL_NAMES = ("smollm2-135m", "gemma3-270m")
+ENGINE_MODELS = (DEFAULT_MODEL, "gemma3-270m")  # the default runtime file of SmolLM2, and Gemma as shipped
+MODEL_NAMES = ("smollm2-135m", *ENGINE_MODELS)  # every file the tests read (the first is the one SmolLM2 ships)
 
 
 def make_home(directory: Path) -> Path:
@@ -103,7 +104,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    return model_path("smollm2-135m")
+    return model_path(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +112,7 @@ def gemma_path() -> str:
     return model_path("gemma3-270m")
 
 
-@pytest.fixture(scope="session", params=MODEL_NAMES)
+@pytest.fixture(scope="session", params=ENGINE_MODELS)
 def any_engine(request):
     """A real engine on each small model, shared by the tests of a session (loading takes ~0.5 s)."""
     with Engine.load(model_path(request.param), EngineSettings(n_ctx=1024), prompt=TASK_PROMPT) as engine:

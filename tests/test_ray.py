@@ -18,10 +18,12 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from edge2dexit.classifier import Classifier  # noqa: E402
+from edge2dexit.bundle import load_bundle  # noqa: E402
+from edge2dexit.classifier import DEFAULT_BUNDLE, Classifier  # noqa: E402
 from edge2dexit.cli import app  # noqa: E402
 from edge2dexit.engine import EngineSettings  # noqa: E402
 from edge2dexit.errors import InputError  # noqa: E402
+from edge2dexit.heads import margin  # noqa: E402
 from edge2dexit.ray_data import ClassifyBatch, _actor_cpus, classify_dataset  # noqa: E402
 
 pytestmark = [
@@ -40,12 +42,26 @@ CLOSINGS = ["I would gladly see it again.", "Avoid it."]
 TEXTS = [" ".join(parts) for parts in itertools.product(OPENINGS, VERDICTS, CLOSINGS)]  # 64 short reviews
 BAD_ROWS = {"empty": " \n ", "no text": None, "binary": "x\x00y", "long": "and then " * 300 + "the end."}
 EXIT_POINT = ("label", "exit_sentence", "exit_layer", "early", "sentences_read", "tokens", "truncated")
+# The default bundle's prefix-mean stop threshold on the margin p_top1 − p_top2. A text whose margin lies within
+# llama.cpp's batching noise of it (docs/llama-cpp.md §5) may fire the stop rule read one way and not the other.
+THRESHOLD = load_bundle(DEFAULT_BUNDLE).policies["prefix-mean"]["threshold"]
 
 
 def exit_point(result) -> tuple:
     """The decision of a Result, or of a result row."""
     get = result.get if isinstance(result, dict) else lambda name: getattr(result, name)
     return tuple(get(name) for name in EXIT_POINT)
+
+
+def assert_same_decisions(rows, alone) -> None:
+    """Rows decided as the single-process results: the same exit point, or, where the single result's margin lies
+    within 0.02 of the stop threshold, the same label."""
+    assert len(rows) == len(alone)
+    for row, single in zip(rows, alone):
+        if abs(margin(np.array(list(single.scores.values()))) - THRESHOLD) < 0.02:
+            assert exit_point(row)[0] == single.label
+        else:
+            assert exit_point(row) == exit_point(single)
 
 
 def test_classify_ray_without_ray_is_one_line_and_exit_code_2(monkeypatch, tmp_path):
@@ -92,7 +108,7 @@ def test_a_corpus_on_two_actors_decides_as_one_process(ray_rows, alone):
                             "early", "sentences_read", "layers_run", "token_layers", "tokens", "seconds",
                             "truncated", "error"}  # the text stays behind: id_column
         assert row["error"] is None
-        assert exit_point(row) == exit_point(single), TEXTS[i]
+        assert_same_decisions([row], [single])
         for label, score in single.scores.items():
             assert row[f"score_{label}"] == pytest.approx(score, abs=0.02)
     assert {single.label for single in alone} == {"negative", "positive"}
@@ -136,7 +152,7 @@ def test_every_batch_format_keeps_its_rows_in_order(batcher, alone, fmt):
         out = pa.Table.from_pandas(out, preserve_index=False)
     rows = out.to_pylist()
     assert [row["review"] for row in rows] == texts and [row["stars"] for row in rows] == [0, 1, 2, 3]
-    assert [exit_point(row) for i, row in enumerate(rows) if i != 1] == [exit_point(r) for r in alone[:3]]
+    assert_same_decisions([row for i, row in enumerate(rows) if i != 1], alone[:3])
     assert "empty" in rows[1]["error"] and rows[1]["label"] is None
     assert out.schema.field("exit_layer").type == pa.int64() and out.schema.field("error").type == pa.string()
 
@@ -158,4 +174,4 @@ def test_classify_ray_reads_a_csv_and_writes_parquet(cluster, alone, smollm2_pat
                                       "--n-ctx", str(N_CTX), "--id-column", "id"])
     assert result.exit_code == 0, result.output
     rows = sorted(pq.read_table(tmp_path / "out").to_pylist(), key=lambda row: row["id"])
-    assert [exit_point(row) for row in rows] == [exit_point(r) for r in alone[:4]]
+    assert_same_decisions(rows, alone[:4])

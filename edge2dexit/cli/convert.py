@@ -76,7 +76,8 @@ def convert(
         data=DataSettings(data, text_column, label_column, per_class or None, min_sentences, split,
                           seed=seed),
         out=out, prompt=prompt, max_sentences=max_sentences,
-        head=TrainSettings(kind=head, hidden=hidden, lr=lr, seed=seed), tolerance=tolerance, confidence=confidence, quant=quant,
+        head=TrainSettings(kind=head, hidden=hidden, lr=lr, seed=seed), tolerance=tolerance, confidence=confidence,
+        quant=quant,
         engine=engine_settings(n_ctx, width, threads), work=work,
     )
     typer.echo(run_convert(settings).summary())

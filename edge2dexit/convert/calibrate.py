@@ -156,8 +156,9 @@ def calibrate(
     against the best single layer is at most `tolerance` with `confidence` (0: as measured); where no point is,
     the most accurate one."""
     correct_by_layer = layer_correct(store, heads)
-    pooling = max(correct_by_layer, key=lambda k: correct_by_layer[k].mean(axis=1).max())
-    best_layer = int(correct_by_layer[pooling].mean(axis=1).argmax())
+    accuracies = {pooling: correct.mean(axis=1) for pooling, correct in correct_by_layer.items()}
+    pooling = max(accuracies, key=lambda k: accuracies[k].max())
+    best_layer = int(accuracies[pooling].argmax())
     reference = correct_by_layer[pooling][best_layer]
     layers = {k: list(v.layers) for k, v in heads.items()}
     chosen, loss_bound, frontier = {}, {}, {}

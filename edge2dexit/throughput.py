@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .baselines import fitted
 from .classifier import Classifier
 from .document import Reading, sentence_by_sentence, whole_text
 from .engine import EngineSettings
@@ -91,10 +92,8 @@ def _classify(clf: Classifier, texts: Sequence[str], policy: str, batched: bool)
 def _extract(clf: Classifier, texts: Sequence[str], reading: Callable[..., Reading[np.ndarray]]) -> None:
     engine, splitter = clf.engine, clf.bundle.splitter
     documents = [[engine.tokenize(s) for s in splitter.split(t)] for t in texts]
-    room = engine.capacity
-    fitted = [d[: max(1, int(np.searchsorted(np.cumsum([len(s) for s in d]), room, side="right")))]
-              for d in documents]
-    jobs = ((i, lambda doc, d=d: reading(doc, d, engine.n_layer)) for i, d in enumerate(fitted))
+    kept = [fitted(d, engine.capacity) for d in documents]  # what fits the context, as `--truncate` reads
+    jobs = ((i, lambda doc, d=d: reading(doc, d, engine.n_layer)) for i, d in enumerate(kept))
     for done in engine.run_many(jobs):
         if done.error is not None:
             raise done.error

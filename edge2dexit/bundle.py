@@ -1,7 +1,8 @@
 """The bundle: everything a classifier needs besides llama.cpp, and the one file format that carries it.
 
 A bundle is a directory with ``exits.gguf`` (exit heads, labels, prompt, splitter, calibrated policies: see `keys`),
-optionally ``model.gguf`` (the base model) and ``README.md`` (model card). Users may also name the exits file itself.
+optionally ``model.gguf`` (the base model), ``lora.gguf`` (a llama.cpp LoRA adapter the heads were trained
+through, applied to the base model at run time) and ``README.md`` (model card). Users may also name the exits file itself.
 The exits file is GGUF so that one toolchain (gguf-py, llama.cpp's viewers) can inspect both files of a bundle.
 
 Loading refuses anything doubtful with one `BundleError` naming the file and the reason: a wrong or damaged bundle
@@ -25,6 +26,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, ReaderTensor
 
 from . import keys
+from .cache import sha256_file
 from .errors import BundleError, InputError
 from .heads import ExitHead, ExitHeads
 from .keys import Key, Keys
@@ -33,12 +35,15 @@ from .sentences import Splitter
 
 EXITS_FILE = "exits.gguf"
 MODEL_FILE = "model.gguf"
+LORA_FILE = "lora.gguf"
 MODEL_CARD = "README.md"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A registry name, optionally with its format (models/registry.py): never a path, so that a bundle cannot point
 # the classifier at a file outside its directory.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9_]+)?")
+# The adapter is named by a bare file name inside the bundle directory, so a bundle cannot point outside it.
+_LORA_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.gguf")
 # Keys, tensors and metadata array items an exits file may declare: ~450 in the default bundle, ~2,000 for 128 layers.
 # gguf-py's reader builds numpy views per item (~1.5 KB each), so the bound keeps a hostile file under ~25 MB.
 MAX_ITEMS = 1 << 14
@@ -58,6 +63,14 @@ class BaseModelRef:
         return f"{self.architecture} ({self.n_layer} layers, {self.n_embd}-dim, sha256 {self.sha256[:8]}…)"
 
 
+@dataclass(frozen=True)
+class LoraRef:
+    """A llama.cpp LoRA adapter file in the bundle directory, and the sha256 that ties it to the heads."""
+
+    file: str
+    sha256: str
+
+
 @dataclass
 class Bundle:
     base: BaseModelRef
@@ -70,6 +83,7 @@ class Bundle:
     calibration: dict[str, Any]  # JSON-able record of how the default was chosen; may be empty
     head_kind: str
     head_hidden: int  # 0 for linear heads
+    lora: LoraRef | None = None  # the adapter applied to the base model, when the bundle was fine-tuned
     directory: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +100,12 @@ class Bundle:
         if base.name and not _MODEL_NAME.fullmatch(base.name):
             raise BundleError(f"base model name {base.name!r} is not a registry name (a bundle names its model, "
                               "it never gives a path)")
+        if self.lora is not None:
+            if not _LORA_FILE_NAME.fullmatch(self.lora.file) or self.lora.file in (EXITS_FILE, MODEL_FILE):
+                raise BundleError(f"LoRA file {self.lora.file!r} must be a bare *.gguf file name in the bundle "
+                                  f"directory, neither a path nor {EXITS_FILE} or {MODEL_FILE}")
+            if not _SHA256.fullmatch(self.lora.sha256):
+                raise BundleError(f"LoRA sha256 must be 64 lower-case hex digits, got {self.lora.sha256!r}")
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
             raise BundleError(f"a bundle needs at least two distinct labels, got {list(self.labels)}")
         for label in self.labels:
@@ -128,6 +148,21 @@ class Bundle:
         path = self.directory / MODEL_FILE
         return path if os.path.lexists(path) else None
 
+    def lora_file(self) -> Path | None:
+        """The LoRA adapter to apply, checked against the sha256 the exits file records (None: no adapter).
+        Heads trained through an adapter mean nothing without it, so a missing or altered file is refused."""
+        if self.lora is None:
+            return None
+        if self.directory is None:
+            raise BundleError("a bundle with a LoRA adapter must be loaded from its directory")
+        path = self.directory / self.lora.file
+        if not path.is_file():
+            raise BundleError(f"bundle needs its LoRA adapter {self.lora.file}, which is not in {self.directory}")
+        if sha256_file(path) != self.lora.sha256:
+            raise BundleError(f"{path} is not the LoRA adapter the heads were trained with (sha256 differs); "
+                              "copy the bundle again")
+        return path
+
     def check_base(self, sha256: str, architecture: str, n_layer: int, n_embd: int) -> None:
         """Refuse a model other than the one the heads were trained on: their inputs would be meaningless."""
         model = BaseModelRef(self.base.name, sha256.lower(), architecture, n_layer, n_embd)
@@ -163,7 +198,7 @@ def _metadata(bundle: Bundle) -> list[tuple[Key, Any]]:
         (Keys.General.TYPE, keys.GENERAL_TYPE_ADAPTER),
         (Keys.Adapter.TYPE, keys.ADAPTER_TYPE_EDGE2DEXIT),
         (Keys.General.NAME, f"edge2dexit exits for {base.name or base.architecture}"),
-        (e.FORMAT_VERSION, keys.FORMAT_VERSION),
+        (e.FORMAT_VERSION, keys.LORA_FORMAT_VERSION if bundle.lora else keys.OLDEST_FORMAT_VERSION),
         (e.BASE_NAME, base.name),
         (e.BASE_SHA256, base.sha256),
         (e.BASE_ARCHITECTURE, base.architecture),
@@ -180,6 +215,8 @@ def _metadata(bundle: Bundle) -> list[tuple[Key, Any]]:
         (e.DEFAULT_POLICY, bundle.default_policy),
         (e.CALIBRATION, json.dumps(bundle.calibration) if bundle.calibration else ""),
     ]
+    if bundle.lora is not None:
+        items += [(e.LORA_FILE, bundle.lora.file), (e.LORA_SHA256, bundle.lora.sha256)]
     items += [(Keys.exit_layers(p), list(h.layers)) for p, h in bundle.heads.items()]
     items += [(Keys.policy(name), json.dumps(params)) for name, params in bundle.policies.items()]
     return items
@@ -198,15 +235,33 @@ def _tensors(bundle: Bundle, half: bool) -> list[tuple[str, np.ndarray]]:
 
 
 def write_exits(bundle: Bundle, path: str | os.PathLike[str], half: bool = True) -> Path:
-    """Write the exits file atomically (a temporary file renamed into place): a crash never leaves half a bundle."""
+    """Write the exits file."""
     bundle.validate()
+    return _write_gguf(path, bundle.base.architecture, _metadata(bundle), _tensors(bundle, half))
+
+
+def write_lora(path: str | os.PathLike[str], architecture: str, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+               alpha: float) -> Path:
+    """Write a llama.cpp LoRA adapter file: for each base tensor name (e.g. "blk.3.attn_q.weight") the pair
+    (A [rank, in], B [out, rank]); llama.cpp adds (alpha / rank) · B·A·x to that tensor's product with x.
+    Stored as F32, so the runtime applies exactly the matrices trained."""
+    metadata = [(Keys.General.TYPE, keys.GENERAL_TYPE_ADAPTER), (Keys.Adapter.TYPE, keys.ADAPTER_TYPE_LORA),
+                (Keys.Adapter.LORA_ALPHA, float(alpha))]
+    tensors = [(name, np.ascontiguousarray(m, dtype=np.float32))
+               for base, pair in pairs.items() for name, m in zip(keys.lora_tensors(base), pair)]
+    return _write_gguf(path, architecture, metadata, tensors)
+
+
+def _write_gguf(path: str | os.PathLike[str], architecture: str, metadata: list[tuple[Key, Any]],
+                tensors: list[tuple[str, np.ndarray]]) -> Path:
+    """Write a GGUF file atomically (a temporary file renamed into place): a crash never leaves half a bundle."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    writer = GGUFWriter(tmp, arch=bundle.base.architecture)
+    writer = GGUFWriter(tmp, arch=architecture)
     try:
-        for key, value in _metadata(bundle):
+        for key, value in metadata:
             writer.add_key_value(key.name, value, key.type, key.item)  # not add_string: it drops empty strings
-        for name, array in _tensors(bundle, half):
+        for name, array in tensors:
             writer.add_tensor(name, array)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -296,7 +351,7 @@ def _read(path: Path) -> Bundle:
     if version > keys.FORMAT_VERSION:
         raise BundleError(f"written in exits format version {version}, this edge2dexit reads up to version "
                           f"{keys.FORMAT_VERSION}: upgrade edge2dexit")
-    if version < keys.FORMAT_VERSION:
+    if version < keys.OLDEST_FORMAT_VERSION:
         raise BundleError(f"written in exits format version {version} by an older edge2dexit, whose policy names "
                           "and parameters this one no longer reads: convert the bundle again")
     normalisation = _value(reader, e.INPUT_NORMALISATION)
@@ -338,6 +393,12 @@ def _read(path: Path) -> Bundle:
         if name is not None:
             policies[name] = _json_object(key, _value(reader, Keys.policy(name)))
     calibration = _value(reader, e.CALIBRATION)
+    lora = None
+    if version >= keys.LORA_FORMAT_VERSION or reader.get_field(e.LORA_FILE.name) is not None:
+        if version < keys.LORA_FORMAT_VERSION:
+            raise BundleError(f"names a LoRA adapter, which format version {version} cannot carry; convert the "
+                              "bundle again")
+        lora = LoraRef(_value(reader, e.LORA_FILE), _value(reader, e.LORA_SHA256))
     return Bundle(
         base=base,
         labels=labels,
@@ -349,6 +410,7 @@ def _read(path: Path) -> Bundle:
         calibration=_json_object(e.CALIBRATION, calibration) if calibration else {},
         head_kind=head_kind,
         head_hidden=_value(reader, e.HEAD_HIDDEN_SIZE),
+        lora=lora,
     )
 
 

@@ -137,7 +137,8 @@ class Classifier:
         self._lock = threading.Lock()
         self._reader: int | None = None  # the thread holding the lock
         self.closed = False
-        self.engine = Engine.load(self.model_path, settings, prompt=self.bundle.task_prompt)
+        self.engine = Engine.load(self.model_path, settings, prompt=self.bundle.task_prompt,
+                                  lora=self.bundle.lora_file())
         try:
             self.bundle.check_base(
                 sha256_file(self.model_path), self.engine.architecture, self.engine.n_layer, self.engine.n_embd

@@ -81,17 +81,20 @@ class Engine:
         self._owners: dict[int, Document] = {}
 
     @classmethod
-    def load(cls, model_path: str | Path, settings: EngineSettings = EngineSettings(), prompt: str = "") -> "Engine":
-        """Load a GGUF model with llama.cpp and make a context for `settings.width` documents after `prompt`."""
+    def load(cls, model_path: str | Path, settings: EngineSettings = EngineSettings(), prompt: str = "",
+             lora: str | Path | None = None, lora_scale: float = 1.0) -> "Engine":
+        """Load a GGUF model with llama.cpp and make a context for `settings.width` documents after `prompt`,
+        computing through the LoRA adapter file `lora` (times `lora_scale`) if one is given."""
         model = Model(model_path, n_gpu_layers=settings.n_gpu_layers)
         try:
+            adapter = model.load_lora(lora, lora_scale) if lora is not None else None
             prompt_tokens = model.tokenize(prompt, add_bos=True)
             if len(prompt_tokens) >= settings.n_ctx:
                 raise ContextOverflowError(f"the task prompt takes {len(prompt_tokens)} tokens, more than the "
                                            f"context of {settings.n_ctx}")
             cells = len(prompt_tokens) + settings.width * (settings.n_ctx - len(prompt_tokens))
             threads = settings.n_threads or len(os.sched_getaffinity(0))
-            context = Context(model, ContextSettings(cells, settings.width + 1, settings.n_batch, threads))
+            context = Context(model, ContextSettings(cells, settings.width + 1, settings.n_batch, threads), adapter)
             try:
                 return cls(model, context, prompt_tokens, settings)
             except BaseException:
@@ -267,7 +270,7 @@ class PlainReader:
         settings = ContextSettings(engine.settings.n_ctx, 1, engine.context.n_batch, engine.context.settings.n_threads,
                                    tap=False)
         self.n_layer, self.n_prompt = engine.n_layer, n_prompt
-        self.context = Context(engine.model, settings)
+        self.context = Context(engine.model, settings, engine.context.lora)  # the same adapter, like for like
         self.context.decode([Span(PROMPT_SEQ, 0, engine.prompt_tokens)], self.n_layer, ())
 
     def read(self, tokens: list[int]) -> None:

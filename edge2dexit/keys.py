@@ -14,11 +14,16 @@ from typing import NamedTuple
 
 from gguf import GGUFValueType
 
-FORMAT_VERSION = 2  # bump on any change an older reader would misread (2: policy names and parameters of 0.2)
+# Bump on any change an older reader would misread. 2: policy names and parameters of 0.2; 3: a LoRA adapter file
+# beside the exits (a reader of 2 would classify without it). Bundles without an adapter are still written as 2.
+LORA_FORMAT_VERSION = 3  # written exactly when a bundle has an adapter, which it then must have
+FORMAT_VERSION = 3  # the newest this package reads
+OLDEST_FORMAT_VERSION = 2
 
 # Values of fixed keys.
 GENERAL_TYPE_ADAPTER = "adapter"
 ADAPTER_TYPE_EDGE2DEXIT = "edge2dexit"
+ADAPTER_TYPE_LORA = "lora"  # llama.cpp's own LoRA adapter files (src/llama-adapter.cpp)
 INPUT_STANDARDISE = "standardise"  # x' = (x - norm_mean) / norm_scale, per dimension
 
 
@@ -41,6 +46,10 @@ def _u32(name: str) -> Key:
     return Key(name, GGUFValueType.UINT32)
 
 
+def _f32(name: str) -> Key:
+    return Key(name, GGUFValueType.FLOAT32)
+
+
 def _array(name: str, item: GGUFValueType) -> Key:
     return Key(name, GGUFValueType.ARRAY, item)
 
@@ -54,6 +63,7 @@ class Keys:
 
     class Adapter:
         TYPE = _str("adapter.type")
+        LORA_ALPHA = _f32("adapter.lora.alpha")  # llama.cpp scales B·A·x by alpha / rank
 
     class Exits:
         FORMAT_VERSION = _u32("edge2dexit.format_version")
@@ -72,6 +82,9 @@ class Keys:
         POOLINGS = _array("edge2dexit.poolings", GGUFValueType.STRING)  # the head sets present
         DEFAULT_POLICY = _str("edge2dexit.default_policy")
         CALIBRATION = _str("edge2dexit.calibration")  # JSON object, or ""
+        # Optional (format 3): a llama.cpp LoRA adapter applied to the base model; the heads read its states.
+        LORA_FILE = _str("edge2dexit.lora.file")  # a bare file name in the bundle directory, never a path
+        LORA_SHA256 = _str("edge2dexit.lora.sha256")
 
     @staticmethod
     def exit_layers(pooling: str) -> Key:
@@ -125,6 +138,12 @@ def linear_tensors(pooling: str, layer: int, kind: str) -> tuple[tuple[str, str]
 def head_tensors(pooling: str, layer: int, kind: str) -> tuple[str, ...]:
     """Every tensor name of one head."""
     return norm_tensors(pooling, layer) + sum(linear_tensors(pooling, layer, kind), ())
+
+
+def lora_tensors(base_tensor: str) -> tuple[str, str]:
+    """(A, B) tensor names of a LoRA on the base model's tensor `base_tensor` (e.g. "blk.3.attn_q.weight"):
+    A [rank, in] and B [out, rank] as numpy shapes, the orientation peft keeps them in."""
+    return f"{base_tensor}.lora_a", f"{base_tensor}.lora_b"
 
 
 def layer_output(layer: int) -> bytes:

@@ -153,6 +153,17 @@ class Model(_Handle):
         self.n_embd: int = llama_cpp.llama_model_n_embd(handle)
         self.architecture: str = self.metadata(Keys.General.ARCHITECTURE.name)
 
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> "LoraAdapter":
+        """Load a llama.cpp LoRA adapter file for this model (freed with the model, before it), to be applied
+        times `scale` (1: as trained)."""
+        _recent_errors.clear()
+        handle = llama_cpp.llama_adapter_lora_init(self.handle, str(path).encode())
+        if not handle:
+            raise ModelError(f"llama.cpp could not load the LoRA adapter {path} for {self.path.name}: "
+                             f"{_last_llama_error()}")
+        self._resources.callback(llama_cpp.llama_adapter_lora_free, handle)
+        return LoraAdapter(Path(path), handle, scale)
+
     def metadata(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
@@ -169,6 +180,14 @@ class Model(_Handle):
             tokens = (llama_cpp.llama_token * capacity)()
             n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), tokens, capacity, add_bos, False)
         return tokens[:n]
+
+
+class LoraAdapter(NamedTuple):
+    """A LoRA adapter loaded by `Model.load_lora`; its model owns the C handle."""
+
+    path: Path
+    handle: object  # llama_adapter_lora_p
+    scale: float
 
 
 # --- the eval-callback tap -----------------------------------------------------------------------------
@@ -256,9 +275,10 @@ class Decoded(NamedTuple):
 
 
 class Context(_Handle):
-    """One llama.cpp context with `n_seq` sequences and an eval-callback tap."""
+    """One llama.cpp context with `n_seq` sequences and an eval-callback tap, optionally computing through a LoRA
+    adapter of its model (set here, before anything is decoded: the adapter changes what the KV cache holds)."""
 
-    def __init__(self, model: Model, settings: ContextSettings = ContextSettings()):
+    def __init__(self, model: Model, settings: ContextSettings = ContextSettings(), lora: LoraAdapter | None = None):
         super().__init__()
         self.model = model
         self.settings = settings
@@ -285,6 +305,13 @@ class Context(_Handle):
             raise LlamaError(f"llama.cpp could not create a context of {settings.n_ctx} tokens: {_last_llama_error()}")
         self._resources.callback(llama_cpp.llama_free, handle)
         self._ctx = handle
+        if lora is not None:
+            # LLAMA_API int32_t llama_set_adapters_lora(struct llama_context * ctx, struct llama_adapter_lora ** adapters,
+            #                                           size_t n_adapters, float * scales);
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora.handle)
+            if llama_cpp.llama_set_adapters_lora(handle, adapters, 1, (ctypes.c_float * 1)(lora.scale)) != 0:
+                raise LlamaError(f"llama.cpp could not apply the LoRA adapter {lora.path}: {_last_llama_error()}")
+        self.lora = lora
         self._memory = llama_cpp.llama_get_memory(handle)
         self.n_ctx: int = llama_cpp.llama_n_ctx(handle)
         self.n_batch: int = llama_cpp.llama_n_batch(handle)

@@ -14,8 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFReader
 
+from edge2dexit.bundle import write_lora
 from edge2dexit.cache import HOME_ENV, cache_dir
 from edge2dexit.engine import Engine, EngineSettings
 from edge2dexit.errors import ModelError
@@ -33,6 +36,7 @@ REVIEW = (
 REAL_HOME: Path = cache_dir()
 ENGINE_MODELS = (DEFAULT_MODEL, "gemma3-270m")  # the default runtime file of SmolLM2, and Gemma as shipped
 MODEL_NAMES = ("smollm2-135m", *ENGINE_MODELS)  # every file the tests read (the first is the one SmolLM2 ships)
+WITH_LORA = DEFAULT_MODEL + "+lora"  # SmolLM2 through a random LoRA adapter: exactness must hold with one too
 
 
 def make_home(directory: Path) -> Path:
@@ -112,10 +116,34 @@ def gemma_path() -> str:
     return model_path("gemma3-270m")
 
 
-@pytest.fixture(scope="session", params=ENGINE_MODELS)
+def random_lora(model_file: str | Path, path: Path, rank: int = 4, std: float = 0.05, seed: int = 0,
+                targets: tuple[str, ...] = ("attn_q", "attn_v"), zero: bool = False) -> Path:
+    """A LoRA adapter file on `targets` of every layer of `model_file`, with random A and random (or zero) B."""
+    rng = np.random.default_rng(seed)
+    reader = GGUFReader(model_file)
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ggml order: (in, out)
+    pairs = {}
+    for name, shape in shapes.items():
+        if name.split(".")[-2] in targets:
+            n_in, n_out = shape
+            b = np.zeros((n_out, rank)) if zero else rng.normal(0, std, (n_out, rank))
+            pairs[name] = (rng.normal(0, std, (rank, n_in)), b)
+    return write_lora(path, reader.get_field("general.architecture").contents(), pairs, alpha=2.0 * rank)
+
+
+@pytest.fixture(scope="session")
+def lora_path(tmp_path_factory) -> Path:
+    return random_lora(model_path(DEFAULT_MODEL), tmp_path_factory.mktemp("lora") / "lora.gguf")
+
+
+@pytest.fixture(scope="session", params=(*ENGINE_MODELS, WITH_LORA))
 def any_engine(request):
-    """A real engine on each small model, shared by the tests of a session (loading takes ~0.5 s)."""
-    with Engine.load(model_path(request.param), EngineSettings(n_ctx=1024), prompt=TASK_PROMPT) as engine:
+    """A real engine on each small model, and on SmolLM2 through a LoRA adapter, shared by the tests of a session
+    (loading takes ~0.5 s)."""
+    name, lora = request.param, None
+    if name == WITH_LORA:
+        name, lora = DEFAULT_MODEL, request.getfixturevalue("lora_path")
+    with Engine.load(model_path(name), EngineSettings(n_ctx=1024), prompt=TASK_PROMPT, lora=lora) as engine:
         yield engine
 
 

@@ -5,7 +5,7 @@ import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from edge2dexit import keys
-from edge2dexit.bundle import BaseModelRef, Bundle, load_bundle, write_bundle, write_exits
+from edge2dexit.bundle import BaseModelRef, Bundle, LoraRef, load_bundle, write_bundle, write_exits
 from edge2dexit.errors import BundleError
 from edge2dexit.heads import ExitHead, ExitHeads
 from edge2dexit.keys import Keys
@@ -93,7 +93,8 @@ def test_file_layout(exits):
     fields = {name: f.contents() for name, f in reader.fields.items()}
     assert fields[Keys.General.TYPE.name] == "adapter" and fields[Keys.Adapter.TYPE.name] == "edge2dexit"
     assert fields[Keys.General.ARCHITECTURE.name] == "llama"
-    assert fields[Keys.Exits.FORMAT_VERSION.name] == keys.FORMAT_VERSION == 2
+    assert fields[Keys.Exits.FORMAT_VERSION.name] == keys.OLDEST_FORMAT_VERSION == 2  # no adapter: readable by 0.2
+    assert Keys.Exits.LORA_FILE.name not in fields
     assert fields["edge2dexit.sentence.exit_layers"] == [1, 3, 5]
     assert Keys.exit_layers("prefix").name == "edge2dexit.prefix.exit_layers"
     assert reader.fields[Keys.exit_layers("prefix").name].types == [GGUFValueType.ARRAY, GGUFValueType.UINT32]
@@ -228,8 +229,30 @@ def test_format_version(exits):
     for old in (1, 0):  # version 1: the policy names and parameters before 0.2
         set_format_version(exits, old)
         refused(exits, f"format version {old} by an older edge2dexit", "convert the bundle again")
-    set_format_version(exits, keys.FORMAT_VERSION)
+    set_format_version(exits, keys.OLDEST_FORMAT_VERSION)
     assert load_bundle(exits).default_policy == "prefix-mean"
+    set_format_version(exits, keys.LORA_FORMAT_VERSION)  # promises an adapter it does not name
+    refused(exits, f"missing key {Keys.Exits.LORA_FILE.name}")
+
+
+def test_lora_reference_round_trips_as_format_3_and_is_checked(tmp_path):
+    lora = LoraRef("lora.gguf", "b" * 64)
+    original = dataclasses.replace(make_bundle(), lora=lora)
+    path = write_bundle(original, tmp_path / "b")
+    fields = {name: f.contents() for name, f in GGUFReader(path).fields.items()}
+    assert fields[Keys.Exits.FORMAT_VERSION.name] == keys.LORA_FORMAT_VERSION
+    loaded = load_bundle(path)
+    assert loaded.lora == lora
+    with pytest.raises(BundleError, match="needs its LoRA adapter lora.gguf"):
+        loaded.lora_file()
+    (path.parent / "lora.gguf").write_bytes(b"not the adapter")
+    with pytest.raises(BundleError, match="not the LoRA adapter the heads were trained with"):
+        loaded.lora_file()
+    for name in ("../lora.gguf", "/tmp/lora.gguf", "lora.bin", "exits.gguf", "model.gguf"):
+        with pytest.raises(BundleError, match="must be a bare"):
+            dataclasses.replace(original, lora=LoraRef(name, "b" * 64))
+    set_format_version(path, keys.OLDEST_FORMAT_VERSION)  # a 0.2 reader would ignore the adapter: never written
+    refused(path, "names a LoRA adapter, which format version 2 cannot carry")
 
 
 def test_default_bundle_is_format_2_with_the_renamed_policies():
@@ -237,7 +260,7 @@ def test_default_bundle_is_format_2_with_the_renamed_policies():
     from edge2dexit.policies import POLICIES
 
     reader = GGUFReader(DEFAULT_BUNDLE / "exits.gguf")
-    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.FORMAT_VERSION
+    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.OLDEST_FORMAT_VERSION
     bundle = load_bundle(DEFAULT_BUNDLE)
     assert set(bundle.policies) == set(POLICIES) and bundle.default_policy == "prefix-mean"
     assert set(bundle.policies["prefix-mean"]) >= {"layer", "threshold", "min_sentences"}

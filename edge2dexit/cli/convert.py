@@ -8,15 +8,16 @@ from typing import Optional
 import typer
 
 from ..convert.data import DataSettings
-from ..convert.settings import ConvertSettings, TrainSettings
+from ..convert.settings import ConvertSettings, LoraSettings, TrainSettings
 from ..keys import HEAD_LINEARS
 from ..llama import QUANT_TYPES
 from .app import app, friendly
 from .options import N_CTX, THREADS, WIDTH, engine_settings
 
-_DATA, _TRAIN = DataSettings(""), TrainSettings()
+_DATA, _TRAIN, _LORA = DataSettings(""), TrainSettings(), LoraSettings()
 _CONVERT = ConvertSettings("", _DATA, Path())
 KEEP = "keep"
+FINETUNE = ("none", "lora")
 
 
 def _choice(allowed: tuple[str, ...]):
@@ -64,6 +65,14 @@ def convert(
     quant: str = typer.Option(KEEP, callback=_choice((KEEP, *QUANT_TYPES)),
                               help=f"Re-quantize the base model into the bundle: {', '.join((KEEP, *QUANT_TYPES))}."),
     work: Optional[Path] = typer.Option(None, help="Feature store directory (default OUT/features); resumes."),
+    finetune: str = typer.Option("none", callback=_choice(FINETUNE),
+                                 help="none: heads on the frozen model; lora: also train a LoRA adapter (needs torch, "
+                                      "peft; the bundle then carries lora.gguf)."),
+    lora_rank: int = typer.Option(_LORA.rank, min=1, help="Rank of the LoRA adapters."),
+    lora_epochs: int = typer.Option(_LORA.epochs, min=1, help="Epochs of LoRA training (the best on validation is kept)."),
+    lora_lr: float = typer.Option(_LORA.lr, min=0.0, help="Learning rate of the LoRA adapters."),
+    lora_docs: int = typer.Option(0, min=0, help="Train the adapters on at most this many training documents "
+                                                 "(0: all; the heads always use all)."),
     n_ctx: int = N_CTX,
     width: int = WIDTH,
     threads: Optional[int] = THREADS,
@@ -79,5 +88,7 @@ def convert(
         head=TrainSettings(kind=head, hidden=hidden, lr=lr, seed=seed), tolerance=tolerance, confidence=confidence,
         quant=quant,
         engine=engine_settings(n_ctx, width, threads), work=work,
+        finetune=LoraSettings(rank=lora_rank, epochs=lora_epochs, lr=lora_lr, max_documents=lora_docs or None,
+                              seed=seed) if finetune == "lora" else None,
     )
     typer.echo(run_convert(settings).summary())

@@ -7,7 +7,7 @@ enough for thousands of documents (docs/llama-cpp.md §4).
 A store is a directory: `states.f16` ([total sentences, n_layer, n_embd]), `tokens.npy` (tokens per
 sentence), and `meta.json` (document offsets, labels, what made the states, how many documents are done).
 Extraction writes `meta.json` after every few documents, so an interrupted run resumes where it stopped; a store
-made from other texts, another model file, prompt or way of reading starts again from nothing.
+made from other texts, another model file, LoRA adapter, prompt or way of reading starts again from nothing.
 """
 
 from __future__ import annotations
@@ -99,15 +99,16 @@ def extract(
         "n_layer": engine.n_layer,
         "n_embd": engine.n_embd,
         "reading": READING,
-        # what else the states depend on: a store made with another model file or task prompt is never resumed
+        # what else the states depend on: a store made with another model file, adapter or prompt is never resumed
         "model_sha256": sha256_file(engine.model.path),
         "prompt_tokens": [int(t) for t in engine.prompt_tokens],
+        "lora_sha256": sha256_file(engine.context.lora.path) if engine.context.lora else None,
         "done": 0,
     }
     meta_path = directory / _META
     if meta_path.exists():
         previous = json.loads(meta_path.read_text())
-        if {k: previous[k] for k in meta if k != "done"} == {k: meta[k] for k in meta if k != "done"}:
+        if {k: previous.get(k) for k in meta if k != "done"} == {k: meta[k] for k in meta if k != "done"}:
             meta["done"] = previous["done"]
     np.save(directory / _TOKENS, np.array([len(t) for doc in tokens for t in doc], dtype=np.int32))
     shape = (int(offsets[-1]), engine.n_layer, engine.n_embd)

@@ -1,8 +1,9 @@
 """`edge2dexit convert`: labelled text + a base model → a bundle.
 
-data → deterministic train / calibration / test splits → features through the runtime engine (full depth,
-every layer, one decode per sentence) → one exit head per layer and head set (sentence, prefix) trained on
-train → every policy calibrated on calibration → every policy measured on test → exits.gguf + model card.
+data → deterministic train / calibration / test splits → [with `finetune`: a LoRA adapter trained on train,
+lora.gguf] → features through the runtime engine (full depth, every layer, each text in one decode, through the
+adapter if any) → one exit head per layer and head set (sentence, prefix) trained on train → every policy
+calibrated on calibration → every policy measured on test → exits.gguf + model card.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import MODEL_CARD, MODEL_FILE, BaseModelRef, Bundle, write_bundle
+from ..bundle import LORA_FILE, MODEL_CARD, MODEL_FILE, BaseModelRef, Bundle, LoraRef, write_bundle
 from ..cache import sha256_file
 from ..engine import Engine
 from ..heads import Pooling
 from ..llama import quantize
 from ..models.registry import identify, resolve_model
 from ..policies import POLICIES
+from ..sentences import Splitter
 from ..stats import wilson_interval
+from . import lora
 from .calibrate import Calibration, Point, calibrate, layer_accuracies, replay
-from .data import make_splits
+from .data import Splits, make_splits
 from .features import FeatureStore, extract
 from .hf import hf_to_gguf, is_hf_checkpoint
 from .settings import ConvertSettings
@@ -44,6 +47,7 @@ class ConvertReport:
     test_docs: int
     test_layer_accuracy: dict[str, list[float]]
     seconds: dict[str, float]
+    lora: lora.LoraReport | None = None
 
     def interval(self, point: Point) -> tuple[float, float]:
         """95% interval of a test accuracy."""
@@ -58,6 +62,8 @@ class ConvertReport:
                          f"{1 / p.cost:12.2f}× {1 / p.operations:10.2f}×  {p.params}")
         lines.append(f"(speed-ups against full depth; loss bound: on calibration, against the best layer; "
                      f"{self.calibration.describe_target()})")
+        if self.lora is not None:
+            lines.append(self.lora.describe())
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
@@ -90,8 +96,13 @@ def convert(settings: ConvertSettings) -> ConvertReport:
     splits = make_splits(settings.data)
     timings["data"] = time.perf_counter() - started
 
+    lora_path, lora_report = None, None
+    if settings.finetune is not None:
+        lora_path, lora_report = _finetune(settings, model_path, prompt, splitter, splits, out / LORA_FILE)
+        timings["lora"] = time.perf_counter() - started - sum(timings.values())
+
     stores: dict[str, FeatureStore] = {}
-    with Engine.load(model_path, settings.engine, prompt=prompt) as engine:
+    with Engine.load(model_path, settings.engine, prompt=prompt, lora=lora_path) as engine:
         base = BaseModelRef(registry_name, sha256_file(model_path), engine.architecture, engine.n_layer, engine.n_embd)
         for part in ("train", "calibration", "test"):
             ds = getattr(splits, part)
@@ -120,11 +131,30 @@ def convert(settings: ConvertSettings) -> ConvertReport:
         calibration=_plain({**calibration.to_json(), "data": asdict(settings.data)}),
         head_kind=settings.head.kind,
         head_hidden=settings.head.hidden if settings.head.kind == "mlp" else 0,
+        lora=LoraRef(lora_path.name, sha256_file(lora_path)) if lora_path else None,
     )
     write_bundle(bundle, out)
-    report = ConvertReport(out, splits.describe(), calibration, test, len(splits.test), layer_acc, timings)
+    report = ConvertReport(out, splits.describe(), calibration, test, len(splits.test), layer_acc, timings,
+                           lora_report)
     (out / MODEL_CARD).write_text(model_card(settings, bundle, report))
     return report
+
+
+def _finetune(settings: ConvertSettings, model_path: Path, prompt: str, splitter: Splitter, splits: Splits,
+              path: Path) -> tuple[Path, lora.LoraReport]:
+    """Train a LoRA adapter on the training split, write it to `path`, and check that llama.cpp applies it as
+    torch trained it."""
+    train = splits.train
+    with Engine.load(model_path, settings.engine, prompt=prompt) as base:
+        sentences = [splitter.split(text)[: settings.max_sentences] for text in train.texts]
+        docs = lora.tokenized(base, sentences, train.labels)
+        model, report = lora.finetune(model_path, docs, len(train.label_names), settings.finetune, settings.head,
+                                      settings.engine.n_threads)
+        lora.export(model, base.architecture, path)
+        report.adapter_cosine = lora.verify(
+            model, base, lambda scale: Engine.load(model_path, settings.engine, prompt=prompt, lora=path,
+                                                   lora_scale=scale), docs[:2])
+    return path, report
 
 
 def _describe_data(settings: ConvertSettings) -> str:
@@ -157,6 +187,7 @@ def model_card(settings: ConvertSettings, bundle: Bundle, report: ConvertReport)
 - sentence splitter: {bundle.splitter.kind} ({bundle.splitter.language})
 - heads: {bundle.head_kind} (hidden {bundle.head_hidden}) per layer, on sentence means and on prefix means
 - default policy: {bundle.default_policy}
+- fine-tuning: {report.lora.describe() if report.lora else 'none (the base model is frozen; heads only)'}
 
 ## Splits
 

@@ -34,6 +34,33 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """`convert --finetune lora`: adapters on the base model trained with the paper's multi-layer loss."""
+
+    rank: int = 8
+    alpha: float = 16.0  # peft's lora_alpha: the update is scaled by alpha / rank
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # Hugging Face names of the projections adapted, every layer
+    epochs: int = 2
+    lr: float = 5e-4  # of the adapters
+    head_lr: float = 3e-3  # of the auxiliary heads, which start from nothing
+    batch: int = 8  # documents per optimiser step
+    last_weight: float = 0.8  # the paper's loss: 0.8 on the last layer, 0.1 on each other, normalised
+    other_weight: float = 0.1
+    validation_fraction: float = 0.15  # of the training documents, by class, to choose the epoch
+    max_documents: int | None = None  # train the adapters on at most this many (CPU time); heads use every one
+    stats_documents: int = 32  # documents whose base states standardise the auxiliary heads' inputs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.rank, self.epochs, self.batch, self.stats_documents) < 1 or self.alpha <= 0:
+            raise ValueError("rank, epochs, batch and stats_documents must be at least 1 and alpha positive")
+        if not self.targets:
+            raise ValueError("LoRA needs at least one target projection")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {self.validation_fraction}")
+
+
+@dataclass(frozen=True)
 class ConvertSettings:
     model: str  # registry name, GGUF path, or a Hugging Face checkpoint directory
     data: DataSettings
@@ -46,5 +73,6 @@ class ConvertSettings:
     quant: str = "keep"
     engine: EngineSettings = field(default_factory=EngineSettings)  # how features are read (width: batching)
     work: Path | None = None  # feature stores (default: OUT/features); reused when the inputs match
+    finetune: LoraSettings | None = None  # None: heads only, the base model frozen (the paper's first mode)
 
 

@@ -105,6 +105,13 @@ def split_documents(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.
     return np.setdiff1d(np.arange(len(labels)), val), val
 
 
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Cross-entropy class weights that make every class present count as much as the others in total."""
+    counts = np.bincount(labels, minlength=n_classes)
+    weight = np.where(counts > 0, len(labels) / (np.count_nonzero(counts) * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weight, dtype=torch.float32)
+
+
 def head_module(n_embd: int, n_classes: int, settings: TrainSettings) -> nn.Sequential:
     """The torch twin of an `ExitHead` of `settings.kind` (it reads standardised inputs)."""
     if settings.kind == "linear":
@@ -134,9 +141,7 @@ def _train_layer(
     x_val_t = torch.from_numpy((x_val - mean) / scale)
     y_t, y_val_t = torch.from_numpy(y.astype(np.int64)), torch.from_numpy(y_val.astype(np.int64))
 
-    counts = np.bincount(y, minlength=n_classes)
-    weight = np.where(counts > 0, len(y) / (np.count_nonzero(counts) * np.maximum(counts, 1)), 0.0)
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32))
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(y, n_classes))
 
     torch.manual_seed(settings.seed)
     module = head_module(x.shape[1], n_classes, settings)

@@ -1,0 +1,150 @@
+"""LoRA fine-tuning mode on the real SmolLM2: the adapter file llama.cpp loads, the export's row order checked
+against torch, a tiny `convert --finetune lora` whose bundle classifies through the adapter with torch blocked,
+and the refusals of a bundle whose adapter is missing or altered. (The engine's exactness tests also run through
+a LoRA adapter: conftest's `any_engine`.)"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from typer.testing import CliRunner
+
+from edge2dexit import Classifier
+from edge2dexit.bundle import LORA_FILE, load_bundle
+from edge2dexit.cli import app
+from edge2dexit.convert import lora
+from edge2dexit.convert.data import DataSettings
+from edge2dexit.convert.pipeline import convert
+from edge2dexit.convert.settings import ConvertSettings, LoraSettings, TrainSettings
+from edge2dexit.document import whole_text
+from edge2dexit.engine import Engine, EngineSettings
+from edge2dexit.errors import BundleError, InputError, ModelError
+from edge2dexit.keys import LORA_FORMAT_VERSION, Keys
+from edge2dexit.sentences import Splitter
+
+from conftest import REVIEW, TASK_PROMPT, random_lora
+from test_convert_classify import TEXT, synthetic_reviews
+
+pytestmark = pytest.mark.llama
+
+
+def read(model, lora=None, text=REVIEW):
+    """States [sentences, layers, n_embd] of `text` read whole, through `lora` if given."""
+    with Engine.load(model, EngineSettings(n_ctx=512), prompt=TASK_PROMPT, lora=lora) as engine:
+        tokens = [engine.tokenize(s) for s in Splitter().split(text)]
+        return engine.run(whole_text(engine.document(), tokens, engine.n_layer))
+
+
+def test_a_zero_adapter_changes_nothing_and_a_random_one_every_layer(smollm2_path, lora_path, tmp_path):
+    base = read(smollm2_path)
+    zero = random_lora(smollm2_path, tmp_path / "zero.gguf", zero=True)
+    np.testing.assert_array_equal(read(smollm2_path, zero), base)  # llama.cpp adds exact zeros
+    changed = np.abs(read(smollm2_path, lora_path) - base).max(axis=(0, 2))
+    assert (changed > 1e-3).all()
+
+
+def test_llama_cpp_refuses_an_adapter_for_another_model(gemma_path, lora_path):
+    with pytest.raises(ModelError, match="could not load the LoRA adapter"):
+        Engine.load(gemma_path, EngineSettings(n_ctx=256), lora=lora_path)
+
+
+def test_export_puts_q_rows_in_llama_cpp_order():
+    """`to_gguf_rows` undoes what transformers does to llama's q/k rows on loading a GGUF."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    gguf_rows = np.random.default_rng(0).normal(size=(576, 8))
+    hf_rows = LlamaTensorProcessor()._reverse_permute_weights(gguf_rows, 9, 9)
+    assert not np.array_equal(hf_rows, gguf_rows)
+    np.testing.assert_array_equal(lora.to_gguf_rows(hf_rows, 9), gguf_rows)
+
+
+def test_verify_passes_a_right_export_and_catches_a_wrong_one(smollm2_path, tmp_path, monkeypatch):
+    """llama.cpp and torch agree on the adapter's effect when q's rows are exported in llama.cpp's order; in
+    transformers' order, the check refuses the adapter."""
+    torch.manual_seed(0)
+    model = lora.load_model(smollm2_path, LoraSettings(rank=4))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 1e-3)
+    path = tmp_path / LORA_FILE
+    with Engine.load(smollm2_path, EngineSettings(n_ctx=256), prompt=TASK_PROMPT) as base:
+        docs = lora.tokenized(base, [Splitter().split(REVIEW)[:3]], [1])
+
+        def adapted(scale):
+            return Engine.load(smollm2_path, EngineSettings(n_ctx=256), prompt=TASK_PROMPT, lora=path, lora_scale=scale)
+
+        lora.export(model, "llama", path)
+        assert lora.verify(model, base, adapted, docs) > 0.99
+        monkeypatch.setattr(lora, "_ROPE_PERMUTED", {})
+        lora.export(model, "llama", path)
+        with pytest.raises(InputError, match="does not apply the exported LoRA adapter"):
+            lora.verify(model, base, adapted, docs)
+
+
+@pytest.fixture(scope="module")
+def lora_bundle(tmp_path_factory, smollm2_path):
+    root = tmp_path_factory.mktemp("lora-convert")
+    data = root / "reviews.csv"
+    synthetic_reviews(data)
+    settings = ConvertSettings(
+        model=smollm2_path,
+        data=DataSettings(str(data), text_column="review", label_column="sentiment", per_class=None,
+                          fractions=(0.6, 0.2, 0.2), splitter="regex"),
+        out=root / "bundle",
+        head=TrainSettings(kind="linear", epochs=30, seed=0, lr=1e-3), tolerance=0.05,
+        engine=EngineSettings(n_ctx=512),
+        finetune=LoraSettings(rank=4, epochs=1, batch=4, stats_documents=4),
+    )
+    return convert(settings)
+
+
+def test_lora_convert_writes_a_bundle_with_an_adapter_that_changes_the_states(lora_bundle, smollm2_path):
+    directory = lora_bundle.bundle
+    bundle = load_bundle(directory)
+    assert bundle.lora.file == LORA_FILE and bundle.lora_file() == directory / LORA_FILE
+    reader = GGUFReader(directory / "exits.gguf")
+    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == LORA_FORMAT_VERSION
+    adapter = GGUFReader(directory / LORA_FILE)
+    assert adapter.fields[Keys.Adapter.TYPE.name].contents() == "lora"
+    assert {t.name for t in adapter.tensors} >= {"blk.0.attn_q.weight.lora_a", "blk.29.attn_v.weight.lora_b"}
+    assert lora_bundle.lora.adapter_cosine >= 0.97 and lora_bundle.lora.documents > 0
+    changed = np.abs(read(smollm2_path, directory / LORA_FILE, TEXT) - read(smollm2_path, text=TEXT))
+    assert changed.max() > 1e-3
+    assert "LoRA rank 4" in (directory / "README.md").read_text()
+
+
+def test_lora_bundle_classifies_where_torch_cannot_be_imported(lora_bundle):
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'transformers', 'peft'): sys.modules[name] = None\n"
+        "from edge2dexit import Classifier, EngineSettings\n"
+        f"with Classifier({str(lora_bundle.bundle)!r}, settings=EngineSettings(n_ctx=512)) as clf:\n"
+        "    print(clf.engine.context.lora.path.name, clf.classify(" + repr(TEXT) + ").label)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    adapter, label = result.stdout.split()
+    assert adapter == LORA_FILE and label in ("neg", "pos")
+
+
+def test_a_bundle_whose_adapter_is_missing_or_altered_is_refused(lora_bundle, tmp_path):
+    copy = shutil.copytree(lora_bundle.bundle, tmp_path / "bundle", ignore=shutil.ignore_patterns("features"))
+    adapter = copy / LORA_FILE
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 1
+    adapter.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="not the LoRA adapter the heads were trained with"):
+        Classifier(copy)
+    adapter.unlink()
+    with pytest.raises(BundleError, match="needs its LoRA adapter lora.gguf"):
+        Classifier(copy)
+    text = tmp_path / "review.txt"
+    text.write_text(TEXT)
+    result = CliRunner().invoke(app, ["classify", str(text), "--bundle", str(copy)])
+    assert result.exit_code == BundleError.exit_code and "needs its LoRA adapter" in result.output

@@ -43,23 +43,26 @@ def synthetic_reviews(path, n_per_class=12, seed=0):
                 w.writerow([" ".join(sentences), label])
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, smollm2_path):
-    root = tmp_path_factory.mktemp("convert")
+def tiny_convert(root, model, **settings):
+    """Convert two dozen synthetic reviews under `root` (a few seconds; `settings` adds to the ConvertSettings)."""
     data = root / "reviews.csv"
     synthetic_reviews(data)
     # The split and learning rate this test was written with (the defaults became 0.5/0.25/0.25 and 3e-4, which on
     # a dozen documents leaves the heads barely trained).
-    settings = ConvertSettings(
-        model=smollm2_path,
+    return convert(ConvertSettings(
+        model=model,
         data=DataSettings(str(data), text_column="review", label_column="sentiment", per_class=None,
                           fractions=(0.6, 0.2, 0.2), splitter="regex"),
         out=root / "bundle",
         head=TrainSettings(kind="linear", epochs=30, seed=0, lr=1e-3), tolerance=0.05,
         engine=EngineSettings(n_ctx=512),
-    )
-    report = convert(settings)
-    return report
+        **settings,
+    ))
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, smollm2_path):
+    return tiny_convert(tmp_path_factory.mktemp("convert"), smollm2_path)
 
 
 def test_convert_writes_a_loadable_bundle(tiny_bundle):

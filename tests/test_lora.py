@@ -19,9 +19,7 @@ from edge2dexit import Classifier
 from edge2dexit.bundle import LORA_FILE, load_bundle
 from edge2dexit.cli import app
 from edge2dexit.convert import lora
-from edge2dexit.convert.data import DataSettings
-from edge2dexit.convert.pipeline import convert
-from edge2dexit.convert.settings import ConvertSettings, LoraSettings, TrainSettings
+from edge2dexit.convert.settings import LoraSettings
 from edge2dexit.document import whole_text
 from edge2dexit.engine import Engine, EngineSettings
 from edge2dexit.errors import BundleError, InputError, ModelError
@@ -29,7 +27,7 @@ from edge2dexit.keys import LORA_FORMAT_VERSION, Keys
 from edge2dexit.sentences import Splitter
 
 from conftest import REVIEW, TASK_PROMPT, random_lora
-from test_convert_classify import TEXT, synthetic_reviews
+from test_convert_classify import TEXT, tiny_convert
 
 pytestmark = pytest.mark.llama
 
@@ -89,19 +87,8 @@ def test_verify_passes_a_right_export_and_catches_a_wrong_one(smollm2_path, tmp_
 
 @pytest.fixture(scope="module")
 def lora_bundle(tmp_path_factory, smollm2_path):
-    root = tmp_path_factory.mktemp("lora-convert")
-    data = root / "reviews.csv"
-    synthetic_reviews(data)
-    settings = ConvertSettings(
-        model=smollm2_path,
-        data=DataSettings(str(data), text_column="review", label_column="sentiment", per_class=None,
-                          fractions=(0.6, 0.2, 0.2), splitter="regex"),
-        out=root / "bundle",
-        head=TrainSettings(kind="linear", epochs=30, seed=0, lr=1e-3), tolerance=0.05,
-        engine=EngineSettings(n_ctx=512),
-        finetune=LoraSettings(rank=4, epochs=1, batch=4, stats_documents=4),
-    )
-    return convert(settings)
+    return tiny_convert(tmp_path_factory.mktemp("lora-convert"), smollm2_path,
+                        finetune=LoraSettings(rank=4, epochs=1, batch=4, stats_documents=4))
 
 
 def test_lora_convert_writes_a_bundle_with_an_adapter_that_changes_the_states(lora_bundle, smollm2_path):

@@ -18,7 +18,6 @@ Imports torch, transformers and peft: only the converter imports this module.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -39,7 +38,7 @@ from ..document import whole_text
 from ..engine import Engine
 from ..errors import ContextOverflowError, InputError
 from .settings import LoraSettings, TrainSettings
-from .train import class_weights, head_module, split_documents
+from .train import class_weights, head_module, split_documents, torch_threads
 
 # transformers un-permutes llama's q/k rows on loading (llama.cpp's RoPE layout, convert_hf_to_gguf.py);
 # a LoRA B on those projections must be permuted back on export. Other architectures load unpermuted.
@@ -62,8 +61,9 @@ def tokenized(engine: Engine, sentences: Sequence[Sequence[str]], labels: Sequen
             tokens = engine.tokenize(sentence)
             spans.append((len(ids), len(ids) + len(tokens)))
             ids += tokens
-        if len(ids) - len(engine.prompt_tokens) > engine.capacity:
-            raise ContextOverflowError.for_text(len(ids) - len(engine.prompt_tokens), engine.capacity)
+        text_tokens = len(ids) - len(engine.prompt_tokens)
+        if text_tokens > engine.capacity:
+            raise ContextOverflowError.for_text(text_tokens, engine.capacity)
         docs.append(TokenizedDoc(ids, spans, int(label)))
     return docs
 
@@ -178,7 +178,7 @@ def finetune(
     if settings.max_documents is not None:
         rng = np.random.default_rng(settings.seed)
         train_docs = np.sort(rng.permutation(train_docs)[: settings.max_documents])
-    with _torch_threads(threads):
+    with torch_threads(threads):
         torch.manual_seed(settings.seed)
         model = load_model(model_path, settings)
         taps = _LayerOutputs(_decoder(model))
@@ -226,24 +226,14 @@ def _train(model: nn.Module, taps: _LayerOutputs, docs: Sequence[TokenizedDoc], 
         accuracy = float(torch.stack([r[1] for r in results]).float().mean())
         history.append({"epoch": epoch, "val_loss": val_loss, "val_accuracy_mean_over_layers": accuracy})
         if val_loss < best[0]:
-            best = (val_loss, epoch, copy.deepcopy(_lora_state(model)))
+            best = (val_loss, epoch, _lora_state(model))
     model.load_state_dict(best[2], strict=False)
     return model, LoraReport(settings, len(train_docs), history, best[1], time.perf_counter() - started)
 
 
 def _lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the adapters' weights (what an epoch changes)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
-
-
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def to_gguf_rows(b: np.ndarray, n_head: int) -> np.ndarray:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -80,17 +81,24 @@ def train_heads(
     if len(val_docs) == 0:
         raise InputError(f"{store.directory}: {store.n_docs} documents are too few to set some aside for validation")
 
-    previous_threads = torch.get_num_threads()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    try:
-        heads, report = {}, {}
+    heads, report = {}, {}
+    with torch_threads(settings.threads):
         for layer in layers:
             heads[layer], report[layer] = _train_layer(store, pooling, layer, train_docs, val_docs, n_classes,
                                                        settings)
-    finally:
-        torch.set_num_threads(previous_threads)
     return ExitHeads(pooling, tuple(label_names), heads), report
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (None: left as they are)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def split_documents(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

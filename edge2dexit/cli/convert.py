@@ -65,6 +65,9 @@ def convert(
     quant: str = typer.Option(KEEP, callback=_choice((KEEP, *QUANT_TYPES)),
                               help=f"Re-quantize the base model into the bundle: {', '.join((KEEP, *QUANT_TYPES))}."),
     work: Optional[Path] = typer.Option(None, help="Feature store directory (default OUT/features); resumes."),
+    reuse: Optional[list[Path]] = typer.Option(None, "--reuse", help="An earlier convert's feature stores (its "
+                                               "OUT/features): documents they hold for the same model, prompt and "
+                                               "adapter are copied, not read again. Repeatable."),
     finetune: str = typer.Option("none", callback=_choice(FINETUNE),
                                  help="none: heads on the frozen model; lora: also train a LoRA adapter (needs torch, "
                                       "peft; the bundle then carries lora.gguf)."),
@@ -87,7 +90,7 @@ def convert(
         out=out, prompt=prompt, max_sentences=max_sentences,
         head=TrainSettings(kind=head, hidden=hidden, lr=lr, seed=seed), tolerance=tolerance, confidence=confidence,
         quant=quant,
-        engine=engine_settings(n_ctx, width, threads), work=work,
+        engine=engine_settings(n_ctx, width, threads), work=work, reuse=tuple(reuse or ()),
         finetune=LoraSettings(rank=lora_rank, epochs=lora_epochs, lr=lora_lr, max_documents=lora_docs or None,
                               seed=seed) if finetune == "lora" else None,
     )

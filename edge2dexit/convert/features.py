@@ -8,10 +8,18 @@ A store is a directory: `states.f16` ([total sentences, n_layer, n_embd]), `toke
 sentence), and `meta.json` (document offsets, labels, what made the states, how many documents are done).
 Extraction writes `meta.json` after every few documents, so an interrupted run resumes where it stopped; a store
 made from other texts, another model file, LoRA adapter, prompt or way of reading starts again from nothing.
+
+`meta.json` also names every document by the sha256 of its token ids, sentence by sentence (`document_key`): given
+the same source (model file, adapter, prompt, way of reading), a document's states are a function of that key alone,
+so a new store copies the documents that earlier stores already hold instead of reading them again (`reuse`). That is
+what lets a convert grow its training split, or re-split the same data, at the cost of the new documents only. Copies
+made from a store read at another batch width differ from a fresh read by batching noise only, as a resumed store
+does (docs/llama-cpp.md §4).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -31,6 +39,8 @@ from ..sentences import Splitter
 
 _META, _STATES, _TOKENS = "meta.json", "states.f16", "tokens.npy"
 READING = "whole text, one decode"  # recorded in meta.json: a store read another way is never resumed into
+# what, beside a document's tokens, its states depend on: stores agree on all of these or share nothing
+SOURCE_KEYS = ("n_layer", "n_embd", "reading", "model_sha256", "prompt_tokens", "lora_sha256")
 
 
 @dataclass
@@ -43,6 +53,8 @@ class FeatureStore:
     done: int
     states: np.ndarray  # memmap [total, n_layer, n_embd] float16
     tokens: np.ndarray  # [total] tokens per sentence
+    source: dict  # the meta.json entries named in SOURCE_KEYS (None where a store lacks one)
+    keys: list[str]  # document_key of every document; empty in a store written before keys were kept
 
     @property
     def n_docs(self) -> int:
@@ -69,8 +81,30 @@ def open_store(directory: str | Path) -> FeatureStore:
     states = np.memmap(directory / _STATES, dtype=np.float16, mode="r+", shape=shape)
     return FeatureStore(
         directory, offsets, np.array(meta["labels"]), meta["n_layer"], meta["n_embd"], meta["done"], states,
-        np.load(directory / _TOKENS, allow_pickle=False),
+        np.load(directory / _TOKENS, allow_pickle=False), {k: meta.get(k) for k in SOURCE_KEYS},
+        meta.get("documents", []),
     )
+
+
+def document_key(tokens: Sequence[Sequence[int]]) -> str:
+    """sha256 of a document's token ids, each sentence length-prefixed so that where sentences end counts too."""
+    digest = hashlib.sha256()
+    for sentence in tokens:
+        digest.update(np.int32(len(sentence)).tobytes())
+        digest.update(np.asarray(sentence, dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+def stores_under(paths: Sequence[str | Path]) -> list[FeatureStore]:
+    """The feature stores at `paths`: each path is a store, or a directory of stores (an earlier convert's
+    OUT/features, whose train, calibration and test are all taken)."""
+    stores = []
+    for path in map(Path, paths):
+        found = [path] if (path / _META).exists() else sorted(p.parent for p in path.glob(f"*/{_META}"))
+        if not found:
+            raise InputError(f"{path} holds no feature stores (no {_META} in it or in a folder under it)")
+        stores.extend(open_store(d) for d in found)
+    return stores
 
 
 def extract(
@@ -80,9 +114,11 @@ def extract(
     splitter: Splitter,
     directory: str | Path,
     max_sentences: int | None = None,
+    reuse: Sequence[FeatureStore] = (),
 ) -> FeatureStore:
     """Read every text through `engine` at full depth, `engine.settings.width` documents at a time, and store its
-    sentence means; resumes a partial store of the same texts. Progress goes to stderr."""
+    sentence means; resumes a partial store of the same texts, and copies the documents that a store in `reuse` of
+    the same source holds. Progress goes to stderr."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sentences = [splitter.split(t)[:max_sentences] for t in texts]
@@ -93,18 +129,16 @@ def extract(
     if needed > engine.capacity:
         raise ContextOverflowError.for_text(needed, engine.capacity)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sentences])])
-    meta = {
-        "offsets": offsets.tolist(),
-        "labels": [int(x) for x in labels],
+    source = {
         "n_layer": engine.n_layer,
         "n_embd": engine.n_embd,
         "reading": READING,
-        # what else the states depend on: a store made with another model file, adapter or prompt is never resumed
         "model_sha256": sha256_file(engine.model.path),
         "prompt_tokens": [int(t) for t in engine.prompt_tokens],
         "lora_sha256": sha256_file(engine.context.lora.path) if engine.context.lora else None,
-        "done": 0,
     }
+    keys = [document_key(doc) for doc in tokens]
+    meta = {"offsets": offsets.tolist(), "labels": [int(x) for x in labels], **source, "documents": keys, "done": 0}
     meta_path = directory / _META
     if meta_path.exists():
         previous = json.loads(meta_path.read_text())
@@ -118,20 +152,39 @@ def extract(
     # so a resumed run redoes at most the documents that were in flight.
     first = meta["done"]
     finished = np.zeros(len(texts) - first, dtype=bool)
-    jobs = ((i, lambda doc, i=i: whole_text(doc, tokens[i], engine.n_layer)) for i in range(first, len(texts)))
-    with tqdm(total=len(texts), initial=first, desc=f"features {directory.name}", unit="doc", file=sys.stderr,
-              disable=None) as progress:
+
+    def save_progress(at_least: int) -> None:
+        contiguous = first + int(np.argmin(finished)) if not finished.all() else len(texts)
+        if contiguous - meta["done"] >= at_least:
+            states.flush()
+            meta["done"] = contiguous
+            _save_meta(meta_path, meta)
+
+    held = {}  # document key → (store, index) in the stores reused; never the store being written
+    for store in reuse:
+        if store.source == source and store.directory.resolve() != directory.resolve():
+            held.update((key, (store, j)) for j, key in enumerate(store.keys[: store.done]))
+    for i in range(first, len(texts)):
+        if keys[i] in held:
+            store, j = held[keys[i]]
+            states[offsets[i] : offsets[i + 1]] = store.states[store.offsets[j] : store.offsets[j + 1]]
+            finished[i - first] = True
+    if reuse:
+        print(f"features {directory.name}: {int(finished.sum())} of {len(texts) - first} documents copied from "
+              f"earlier stores", file=sys.stderr)
+    save_progress(at_least=1)
+
+    jobs = ((i, lambda doc, i=i: whole_text(doc, tokens[i], engine.n_layer))
+            for i in range(first, len(texts)) if not finished[i - first])
+    with tqdm(total=len(texts), initial=first + int(finished.sum()), desc=f"features {directory.name}", unit="doc",
+              file=sys.stderr, disable=None) as progress:
         for done in engine.run_many(jobs):
             if done.error is not None:
                 raise done.error
             states[offsets[done.key] : offsets[done.key + 1]] = done.result
             finished[done.key - first] = True
             progress.update()
-            contiguous = first + int(np.argmin(finished)) if not finished.all() else len(texts)
-            if contiguous - meta["done"] >= 8:
-                states.flush()
-                meta["done"] = contiguous
-                _save_meta(meta_path, meta)
+            save_progress(at_least=8)
     states.flush()
     meta["done"] = len(texts)
     _save_meta(meta_path, meta)

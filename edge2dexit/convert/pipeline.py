@@ -29,7 +29,7 @@ from ..stats import wilson_interval
 from . import lora
 from .calibrate import Calibration, Point, calibrate, layer_accuracies, replay
 from .data import Splits, make_splits
-from .features import FeatureStore, extract
+from .features import FeatureStore, extract, stores_under
 from .hf import hf_to_gguf, is_hf_checkpoint
 from .settings import ConvertSettings
 from .train import train_heads
@@ -102,11 +102,13 @@ def convert(settings: ConvertSettings) -> ConvertReport:
         timings["lora"] = time.perf_counter() - started - sum(timings.values())
 
     stores: dict[str, FeatureStore] = {}
+    earlier = stores_under(settings.reuse)
     with Engine.load(model_path, settings.engine, prompt=prompt, lora=lora_path) as engine:
         base = BaseModelRef(registry_name, sha256_file(model_path), engine.architecture, engine.n_layer, engine.n_embd)
         for part in ("train", "calibration", "test"):
             ds = getattr(splits, part)
-            stores[part] = extract(engine, ds.texts, ds.labels, splitter, work / part, settings.max_sentences)
+            stores[part] = extract(engine, ds.texts, ds.labels, splitter, work / part, settings.max_sentences,
+                                   reuse=earlier)
     timings["features"] = time.perf_counter() - started - sum(timings.values())
 
     label_names = splits.train.label_names

@@ -73,6 +73,7 @@ class ConvertSettings:
     quant: str = "keep"
     engine: EngineSettings = field(default_factory=EngineSettings)  # how features are read (width: batching)
     work: Path | None = None  # feature stores (default: OUT/features); reused when the inputs match
+    reuse: tuple[Path, ...] = ()  # earlier feature stores whose documents are copied instead of read again
     finetune: LoraSettings | None = None  # None: heads only, the base model frozen (the paper's first mode)
 
 

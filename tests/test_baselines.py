@@ -98,6 +98,17 @@ def test_tfidf_row_is_scikit_learns_and_truncation_reuses_the_states(classifier,
 
 
 @pytest.mark.llama
+def test_convert_reports_tfidf_on_the_same_documents_in_its_summary_and_card(tiny_bundle, splits):
+    expected, _ = sklearn_accuracy(splits.train, splits.test)
+    assert tiny_bundle.tfidf_accuracy == expected
+    low, high = tiny_bundle.interval(expected)
+    row = next(line for line in tiny_bundle.summary().splitlines() if line.startswith("tfidf-logreg"))
+    assert row.split()[1:3] == [f"{expected:.3f}", f"{low:.3f}–{high:.3f}"]
+    card = (tiny_bundle.bundle / "README.md").read_text()
+    assert "| tfidf-logreg (baseline, no LLM" in card and f"| {expected:.3f} | {low:.3f}–{high:.3f} |" in card
+
+
+@pytest.mark.llama
 def test_truncation_answers_as_a_read_of_only_the_first_sentences(classifier):
     text = " ".join(test_convert_classify.NEUTRAL + test_convert_classify.GOOD[:2])  # 5 sentences
     ev = evaluate(classifier, [text], [1], ("layer",))

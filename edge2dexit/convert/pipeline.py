@@ -3,7 +3,8 @@
 data → deterministic train / calibration / test splits → [with `finetune`: a LoRA adapter trained on train,
 lora.gguf] → features through the runtime engine (full depth, every layer, each text in one decode, through the
 adapter if any) → one exit head per layer and head set (sentence, prefix) trained on train → every policy
-calibrated on calibration → every policy measured on test → exits.gguf + model card.
+calibrated on calibration → every policy measured on test, beside TF-IDF + logistic regression trained on the same
+documents → exits.gguf + model card.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..baselines import tfidf_logreg
 from ..bundle import LORA_FILE, MODEL_CARD, MODEL_FILE, BaseModelRef, Bundle, LoraRef, write_bundle
 from ..cache import sha256_file
 from ..engine import Engine
@@ -34,6 +36,7 @@ from .hf import hf_to_gguf, is_hf_checkpoint
 from .settings import ConvertSettings
 from .train import train_heads
 
+TFIDF_ROW = "baseline, no LLM: TF-IDF word 1–2-grams + logistic regression on the same training documents"
 DEFAULT_PROMPT = "Classify the following text.\nText:"
 SENTIMENT_PROMPT = "Classify the sentiment of this movie review as positive or negative.\nReview:"
 
@@ -46,20 +49,23 @@ class ConvertReport:
     test: dict[str, Point]
     test_docs: int
     test_layer_accuracy: dict[str, list[float]]
+    tfidf_accuracy: float  # TF-IDF + logistic regression trained on the training split, on the test split
     seconds: dict[str, float]
     lora: lora.LoraReport | None = None
 
-    def interval(self, point: Point) -> tuple[float, float]:
+    def interval(self, accuracy: float) -> tuple[float, float]:
         """95% interval of a test accuracy."""
-        return wilson_interval(round(point.accuracy * self.test_docs), self.test_docs)
+        return wilson_interval(round(accuracy * self.test_docs), self.test_docs)
 
     def summary(self) -> str:
         lines = [self.splits, "", f"{'policy':13} {'test acc':>9} {'95% interval':>14} {'loss bound':>11} "
                                   f"{'token-layers':>13} {'operations':>11}  parameters"]
         for name, p in self.test.items():
-            low, high = self.interval(p)
+            low, high = self.interval(p.accuracy)
             lines.append(f"{name:13} {p.accuracy:9.3f}   {low:.3f}–{high:.3f} {self.calibration.loss_bound[name]:11.3f} "
                          f"{1 / p.cost:12.2f}× {1 / p.operations:10.2f}×  {p.params}")
+        low, high = self.interval(self.tfidf_accuracy)
+        lines.append(f"{'tfidf-logreg':13} {self.tfidf_accuracy:9.3f}   {low:.3f}–{high:.3f}  ({TFIDF_ROW})")
         lines.append(f"(speed-ups against full depth; loss bound: on calibration, against the best layer; "
                      f"{self.calibration.describe_target()})")
         if self.lora is not None:
@@ -119,6 +125,9 @@ def convert(settings: ConvertSettings) -> ConvertReport:
     test = {name: replay(stores["test"], heads, name, point.params) for name, point in calibration.chosen.items()}
     layer_acc = {k: v.round(4).tolist() for k, v in layer_accuracies(stores["test"], heads).items()}
     timings["calibration"] = time.perf_counter() - started - sum(timings.values())
+    tfidf = tfidf_logreg().fit(list(splits.train.texts), list(splits.train.labels))
+    tfidf_accuracy = float(np.mean(tfidf.predict(list(splits.test.texts)) == np.asarray(splits.test.labels)))
+    timings["baseline"] = time.perf_counter() - started - sum(timings.values())
 
     meets = [n for n in calibration.chosen if calibration.meets_target(n)]
     default = min(meets, key=lambda n: calibration.chosen[n].cost) if meets else "full"
@@ -136,8 +145,8 @@ def convert(settings: ConvertSettings) -> ConvertReport:
         lora=LoraRef(lora_path.name, sha256_file(lora_path)) if lora_path else None,
     )
     write_bundle(bundle, out)
-    report = ConvertReport(out, splits.describe(), calibration, test, len(splits.test), layer_acc, timings,
-                           lora_report)
+    report = ConvertReport(out, splits.describe(), calibration, test, len(splits.test), layer_acc, tfidf_accuracy,
+                           timings, lora_report)
     (out / MODEL_CARD).write_text(model_card(settings, bundle, report))
     return report
 
@@ -175,11 +184,13 @@ def model_card(settings: ConvertSettings, bundle: Bundle, report: ConvertReport)
     base = bundle.base
     calibration = report.calibration
     rows = "\n".join(
-        f"| {name} | {p.accuracy:.3f} | {'–'.join(f'{x:.3f}' for x in report.interval(p))} | "
+        f"| {name} | {p.accuracy:.3f} | {'–'.join(f'{x:.3f}' for x in report.interval(p.accuracy))} | "
         f"{calibration.chosen[name].accuracy:.3f} | {calibration.loss_bound[name]:.3f} | {1 / p.cost:.2f}× | "
         f"{1 / p.operations:.2f}× | `{json.dumps(p.params)}` |"
         for name, p in report.test.items()
     )
+    tfidf_interval = "–".join(f"{x:.3f}" for x in report.interval(report.tfidf_accuracy))
+    rows += f"\n| tfidf-logreg ({TFIDF_ROW}) | {report.tfidf_accuracy:.3f} | {tfidf_interval} | | | | | |"
     return f"""# edge2dexit bundle
 
 - base model: {base.name or 'model.gguf in this directory'} ({base.architecture}, {base.n_layer} layers, n_embd {base.n_embd}, sha256 {base.sha256})

@@ -25,6 +25,11 @@ from edge2dexit.errors import ModelError
 from edge2dexit.models.registry import DEFAULT_MODEL, resolve_model
 
 TASK_PROMPT = "Classify the sentiment of this movie review.\nReview:"
+# How far a class probability may move when the same text is batched differently (docs/llama-cpp.md §5: states
+# differ in the last digits, up to ~5% per row). Through the default bundle's layer-14 prefix head, steepest where
+# a probability is between 0.3 and 0.7, up to 0.035 was seen on the Ray corpus (0.02 with the earlier bundle's
+# layer-19 head); the exit point or, near the stop threshold, the label must still agree.
+BATCHING_SCORE_TOLERANCE = 0.05
 REVIEW = (
     "I went to see this movie last night with a couple of friends. The acting was wonderful, and the story kept "
     "me hooked from the first scene to the last. However, the ending felt rushed, as if the writers ran out of "

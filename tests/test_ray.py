@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from conftest import BATCHING_SCORE_TOLERANCE  # noqa: E402
 from edge2dexit.bundle import load_bundle  # noqa: E402
 from edge2dexit.classifier import DEFAULT_BUNDLE, Classifier  # noqa: E402
 from edge2dexit.cli import app  # noqa: E402
@@ -110,7 +111,7 @@ def test_a_corpus_on_two_actors_decides_as_one_process(ray_rows, alone):
         assert row["error"] is None
         assert_same_decisions([row], [single])
         for label, score in single.scores.items():
-            assert row[f"score_{label}"] == pytest.approx(score, abs=0.02)
+            assert row[f"score_{label}"] == pytest.approx(score, abs=BATCHING_SCORE_TOLERANCE)
     assert {single.label for single in alone} == {"negative", "positive"}
 
 

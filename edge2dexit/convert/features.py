@@ -14,7 +14,7 @@ the same source (model file, adapter, prompt, way of reading), a document's stat
 so a new store copies the documents that earlier stores already hold instead of reading them again (`reuse`). That is
 what lets a convert grow its training split, or re-split the same data, at the cost of the new documents only. Copies
 made from a store read at another batch width differ from a fresh read by batching noise only, as a resumed store
-does (docs/llama-cpp.md §4).
+does (docs/llama-cpp.md §5).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .document import sentence_by_sentence
+from .document import MIN_DECODE_TOKENS, sentence_by_sentence
 from .engine import Engine, EngineSettings, PlainReader
 from .sentences import Splitter
 
@@ -34,8 +34,9 @@ def _time_once(fn: Callable[[], object]) -> float:
 
 
 def engine_benchmark(model_path: str | Path, text: str, rounds: int = 7, n_threads: int | None = None) -> dict:
-    """Time sentence-by-sentence reads of `text` stopped after L/4, L/2, 3L/4 and L layers, the whole text in one
-    decode with and without the eval callback, reading every layer's states, and the sentence splitters."""
+    """Time sentence-by-sentence reads of `text` stopped after L/4, L/2, 3L/4 and L layers, the same read ahead to
+    decodes of MIN_DECODE_TOKENS, the whole text in one decode with and without the eval callback, reading every
+    layer's states, and the sentence splitters."""
     with Engine.load(model_path, EngineSettings(n_threads=n_threads)) as engine, PlainReader(engine) as plain:
         n_layer = engine.n_layer
         splitter, regex = Splitter("pysbd"), Splitter("regex")
@@ -46,12 +47,21 @@ def engine_benchmark(model_path: str | Path, text: str, rounds: int = 7, n_threa
         def read(depth: int, layers: tuple[int, ...] | None = ()) -> None:
             engine.run(sentence_by_sentence(engine.document(), tokens, depth, layers))
 
+        def read_ahead() -> None:  # as sentence-by-sentence policies read a whole text (docs/llama-cpp.md §9)
+            doc, group = engine.document(), []
+            for i, sentence in enumerate(tokens):
+                group.append(sentence)
+                if sum(map(len, group)) >= MIN_DECODE_TOKENS or i == len(tokens) - 1:
+                    engine.run(doc.append(group, n_layer, ()))
+                    group = []
+
         def read_whole() -> None:
             engine.run(engine.document().append([whole], n_layer, ()))
 
         depths = sorted({max(1, n_layer // 4), n_layer // 2, 3 * n_layer // 4})
         cases: list[tuple[str, Callable[[], object], float | None]] = [
             ("full depth, one decode per sentence", lambda: read(n_layer), 1.0),
+            (f"full depth, read ahead to {MIN_DECODE_TOKENS} tokens a decode", read_ahead, None),
             ("full depth, whole text in one decode", read_whole, None),
             ("the same, plain decode, no callback", lambda: plain.read(whole), None),
             ("full depth, reading every layer", lambda: read(n_layer, None), None),
@@ -67,7 +77,7 @@ def engine_benchmark(model_path: str | Path, text: str, rounds: int = 7, n_threa
             for slot, (_, fn, _) in enumerate(cases):
                 times[slot].append(_time_once(fn))
     medians = [statistics.median(t) for t in times]
-    full = medians[0]
+    full, whole_read, plain_read = medians[0], medians[2], medians[3]
     timings = [Timing(name, m, m / full, ideal) for (name, _, ideal), m in zip(cases, medians)]
     return {
         "model": str(model_path),
@@ -76,7 +86,7 @@ def engine_benchmark(model_path: str | Path, text: str, rounds: int = 7, n_threa
         "n_sentences": len(sentences),
         "rounds": rounds,
         "timings": timings,
-        "callback_overhead": medians[1] / medians[2] - 1,
+        "callback_overhead": whole_read / plain_read - 1,
         "pysbd_share": medians[-3] / (medians[-3] + medians[-1] + full),
         "regex_share": medians[-2] / (medians[-2] + medians[-1] + full),
     }

@@ -29,6 +29,11 @@ from .errors import ContextOverflowError
 T = TypeVar("T")
 Tokens = Sequence[int]
 
+# llama.cpp's CPU flash attention takes a tiled path only for decodes of at least 64 tokens; smaller decodes are
+# computed row by row, 1.6–2.8× slower per token once a few hundred tokens are cached (docs/llama-cpp.md §9).
+# Policies that read sentence by sentence read ahead until one decode holds this many tokens.
+MIN_DECODE_TOKENS = 64
+
 # stop(layer, means): called as each read layer of a decode is computed, with the mean state of each sentence of that
 # decode at that layer ([n_sentences, n_embd]); returning True ends the decode after that layer.
 StopRule = Callable[[int, np.ndarray], bool]
@@ -111,10 +116,13 @@ class _Span:
 
 class Document:
     """The reading state of one document placed after a prompt of `first_position` tokens, with room for
-    `capacity` tokens of text. `seq` is the sequence that holds it, for whoever executes its requests."""
+    `capacity` tokens of text. `seq` is the sequence that holds it, for whoever executes its requests.
+    `min_decode_tokens`: below this many tokens a decode costs more per token (whoever executes says how many), so
+    sentence-by-sentence readers read ahead that far; 1 reads every sentence as soon as it is asked for."""
 
-    def __init__(self, first_position: int, capacity: int, seq: int = 0):
+    def __init__(self, first_position: int, capacity: int, seq: int = 0, min_decode_tokens: int = 1):
         self.first_position, self.capacity, self.seq = first_position, capacity, seq
+        self.min_decode_tokens = min_decode_tokens
         self._spans: list[_Span] = []
         self._cached_end = first_position  # positions below this are in the cache
         self.token_layers = 0
@@ -217,7 +225,7 @@ def sentence_by_sentence(
     doc: Document, sentences: Sequence[Tokens], depth: int, layers: Sequence[int] | None = None
 ) -> Reading[np.ndarray]:
     """Read `sentences` one decode each at `depth`: their mean states at `layers` (default: every layer below
-    `depth`), [n_sentences, n_layers, n_embd]. How features are stored and how the oracle reads."""
+    `depth`), [n_sentences, n_layers, n_embd]. The reference read of the engine tests."""
     means = []
     for sentence in sentences:
         (read,) = yield from doc.append([sentence], depth, layers)
@@ -231,7 +239,7 @@ def whole_text(
     """Read `sentences` in one decode at `depth`, stacked as `sentence_by_sentence` stacks them. This is the plain
     full decode of the token stream that exactness is defined against; it differs from a read one sentence per
     decode by llama.cpp's batching noise only (docs/llama-cpp.md §5), and one graph of the whole text costs less
-    than a graph per sentence (docs/llama-cpp.md §4). How `convert` reads features."""
+    than a graph per sentence (docs/llama-cpp.md §4, §9). How `convert` reads features and `eval` its oracle."""
     read = yield from doc.append(sentences, depth, layers)
     return np.stack([sentence.means for sentence in read])
 
@@ -257,7 +265,9 @@ class Replay:
         return Computed(reached, reached, block[:, read])
 
 
-def replay(reading: Callable[[Document], Reading[T]], states: np.ndarray, tokens: Sequence[int]) -> tuple[T, Document]:
+def replay(
+    reading: Callable[[Document], Reading[T]], states: np.ndarray, tokens: Sequence[int], min_decode_tokens: int = 1
+) -> tuple[T, Document]:
     """Run `reading(doc)` over stored states of sentences of `tokens[k]` tokens each; its result and the document."""
-    doc = Document(0, int(np.sum(tokens)))
+    doc = Document(0, int(np.sum(tokens)), min_decode_tokens=min_decode_tokens)
     return drive(reading(doc), Replay(states)), doc

@@ -27,7 +27,7 @@ from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from .document import Computed, Decode, Document, Forget, Reading, Request, drive
+from .document import MIN_DECODE_TOKENS, Computed, Decode, Document, Forget, Reading, Request, drive
 from .errors import ContextOverflowError
 from .llama import Context, ContextSettings, Model, Span
 from .sentences import token_text
@@ -44,10 +44,11 @@ class EngineSettings:
     n_batch: int = 2048  # tokens in one graph; a decode that may stop inside the graph must fit in one
     n_threads: int | None = None  # None: every core this process may use
     n_gpu_layers: int = 0  # layers offloaded to a GPU build of llama.cpp (0 on CPU)
+    min_decode_tokens: int = MIN_DECODE_TOKENS  # sentence-by-sentence policies read ahead this far (1: never)
 
     def __post_init__(self) -> None:
-        if self.n_ctx < 16 or self.width < 1 or self.n_batch < 16:
-            raise ValueError(f"n_ctx and n_batch must be at least 16 and width at least 1, got {self}")
+        if self.n_ctx < 16 or self.width < 1 or self.n_batch < 16 or self.min_decode_tokens < 1:
+            raise ValueError(f"n_ctx and n_batch must be at least 16, width and min_decode_tokens at least 1, got {self}")
 
 
 @dataclass
@@ -115,7 +116,7 @@ class Engine:
             raise ValueError(f"sequence {seq} is outside 1..{self.settings.width}")
         self.context.remove(seq)
         self.context.copy(PROMPT_SEQ, seq)
-        doc = Document(len(self.prompt_tokens), self.capacity, seq)
+        doc = Document(len(self.prompt_tokens), self.capacity, seq, self.settings.min_decode_tokens)
         self._owners[seq] = doc
         return doc
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .baselines import TFIDF_SETTINGS, TRUNCATIONS, Sentences, fitted, tfidf_logreg
 from .classifier import Classifier, Result
-from .document import sentence_by_sentence
+from .document import whole_text
 from .engine import PlainReader
 from .heads import ExitHeads, Pooling, running_means, whole_text_input
 from .policies import POLICIES
@@ -170,7 +170,7 @@ def evaluate(
                 result = clf.classify(text, policy=name)
                 results[name].append(result)
                 seconds[name] += result.seconds
-            states = engine.run(sentence_by_sentence(engine.document(), tokens, n_layer))
+            states = engine.run(whole_text(engine.document(), tokens, n_layer))  # as convert stored them
             hit, cost = _layers_and_oracle(bundle.heads, states, tokens, int(label), layer_hits, grid_hits)
             grid_docs[: len(tokens)] += 1
             oracle_hits += hit

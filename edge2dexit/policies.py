@@ -24,6 +24,12 @@ computes layers 0..layer, i.e. a depth of layer + 1.
   each sentence that arrives is one decode, and a decision comes out as soon as it is confident. On a one-sentence
   text it costs one decode at its layer; calibration picks a layer no deeper than the best static exit layer + 1,
   so it is never more expensive than `layer` there.
+
+`sentence-vote` and `prefix-mean` weigh sentences one by one but, when they read a whole text, read ahead until one
+decode holds `Document.min_decode_tokens` tokens: on llama.cpp's CPU backend a decode of fewer than 64 tokens costs
+1.6–2.8× more per token (docs/llama-cpp.md §9). Their decisions are those of a sentence-by-sentence read; the
+sentences a decode carried past the one that decided are paid for and counted. Live streams read each sentence as
+it arrives.
 """
 
 from __future__ import annotations
@@ -128,15 +134,67 @@ class _BufferedStream(PolicyStream):
 
 
 class _IncrementalPolicy(Policy):
-    """A policy that reads sentence by sentence runs as its own stream."""
+    """A policy that reads sentence by sentence, at one layer, never deepening what it read."""
+
+    layer: int
+    min_sentences: int = 1  # no decision before this many sentences
 
     def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
-        stream = self.stream(doc)
+        # The whole text is at hand: read ahead as far as the document says small decodes cost more.
+        stream = self._stream(doc, doc.min_decode_tokens)
         for sentence in sentences:
             decision = yield from stream.feed(sentence)
             if decision is not None:
                 return decision
         return (yield from stream.finish())
+
+    def stream(self, doc: Document) -> PolicyStream:
+        # Text as it arrives: every sentence is read as soon as it could decide.
+        return self._stream(doc, 1)
+
+    def _stream(self, doc: Document, min_tokens: int) -> "_SentenceStream":
+        raise NotImplementedError
+
+
+class _SentenceStream(PolicyStream):
+    """Sentences read at the policy's layer and weighed one by one, in order. They wait to be read until a
+    decision is possible (`min_sentences`) and one decode holds at least `min_tokens` of them: a decision may then
+    come at a sentence whose decode also carried later ones, which were paid for and count as read."""
+
+    def __init__(self, policy: _IncrementalPolicy, doc: Document, min_tokens: int):
+        self.policy, self.doc, self.min_tokens = policy, doc, min_tokens
+        self.pending: list[Tokens] = []
+
+    def feed(self, sentence: Tokens) -> Reading[Decision | None]:
+        self.pending.append(sentence)
+        if (self.doc.n_sentences + len(self.pending) < self.policy.min_sentences
+                or sum(map(len, self.pending)) < self.min_tokens):
+            return None
+        return (yield from self._read())
+
+    def finish(self) -> Reading[Decision]:
+        if self.pending:
+            decision = yield from self._read()
+            if decision is not None:
+                return decision
+        return (yield from self.fallback())
+
+    def _read(self) -> Reading[Decision | None]:
+        layer = self.policy.layer
+        states = yield from self.doc.append(self.pending, layer + 1, layers=[layer])
+        self.pending = []
+        for sentence in states:
+            if (decision := self.weigh(sentence)) is not None:
+                return decision
+        return None
+
+    def weigh(self, sentence: SentenceMeans) -> Decision | None:
+        """Take one more sentence's states into account; a decision if the policy's exit rule fires."""
+        raise NotImplementedError
+
+    def fallback(self) -> Reading[Decision]:
+        """The decision when the text ended before the exit rule fired."""
+        raise NotImplementedError
 
 
 class Full(Policy):
@@ -198,25 +256,24 @@ class SentenceVote(_IncrementalPolicy):
         self.heads, self.layer, self.tau_ignore, self.tau_acc = heads, n_layer - 1, tau_ignore, tau_acc
         heads.head(self.layer)
 
-    def stream(self, doc: Document) -> PolicyStream:
-        return _SentenceVoteStream(self, doc)
+    def _stream(self, doc: Document, min_tokens: int) -> _SentenceStream:
+        return _SentenceVoteStream(self, doc, min_tokens)
 
 
-class _SentenceVoteStream(PolicyStream):
-    def __init__(self, policy: SentenceVote, doc: Document):
-        self.policy, self.doc = policy, doc
+class _SentenceVoteStream(_SentenceStream):
+    def __init__(self, policy: SentenceVote, doc: Document, min_tokens: int):
+        super().__init__(policy, doc, min_tokens)
         self.votes = Accumulator(policy.heads.n_classes, policy.tau_ignore, policy.tau_acc)
         self.last: np.ndarray | None = None
 
-    def feed(self, sentence: Tokens) -> Reading[Decision | None]:
+    def weigh(self, sentence: SentenceMeans) -> Decision | None:
         layer = self.policy.layer
-        (states,) = yield from self.doc.append([sentence], layer + 1, layers=[layer])
-        self.last = self.policy.heads.proba(layer, states.at(layer))
+        self.last = self.policy.heads.proba(layer, sentence.at(layer))
         if self.votes.add(self.last):
-            return self.votes.decision(states.index, layer, self.doc.n_sentences)
+            return self.votes.decision(sentence.index, layer, self.doc.n_sentences)
         return None
 
-    def finish(self) -> Reading[Decision]:
+    def fallback(self) -> Reading[Decision]:
         yield from ()
         n = self.doc.n_sentences
         return Decision(self.last, n - 1, self.policy.layer, n, fired=False)
@@ -277,42 +334,26 @@ class PrefixMean(_IncrementalPolicy):
         if deepen_layer is not None:
             heads.head(deepen_layer)
 
-    def stream(self, doc: Document) -> PolicyStream:
-        return _PrefixMeanStream(self, doc)
+    def _stream(self, doc: Document, min_tokens: int) -> _SentenceStream:
+        return _PrefixMeanStream(self, doc, min_tokens)
 
 
-class _PrefixMeanStream(PolicyStream):
-    def __init__(self, policy: PrefixMean, doc: Document):
-        self.policy, self.doc = policy, doc
+class _PrefixMeanStream(_SentenceStream):
+    def __init__(self, policy: PrefixMean, doc: Document, min_tokens: int):
+        super().__init__(policy, doc, min_tokens)
         self.total = np.zeros(policy.heads.n_embd, dtype=np.float64)
         self.p: np.ndarray | None = None
-        self.pending: list[Tokens] = []
 
-    def feed(self, sentence: Tokens) -> Reading[Decision | None]:
-        # No decision can come before min_sentences: read those in one decode (one llama.cpp call costs
-        # ~10 ms on top of its compute), then one decode per sentence.
-        self.pending.append(sentence)
-        if self.doc.n_sentences + len(self.pending) < self.policy.min_sentences:
-            return None
-        return (yield from self._read())
-
-    def _read(self) -> Reading[Decision | None]:
-        layer = self.policy.layer
-        states = yield from self.doc.append(self.pending, layer + 1, layers=[layer])
-        self.pending = []
-        for s in states:  # one sentence at a time, as `heads.running_means` sums them
-            self.total += s.at(layer)
-        n = self.doc.n_sentences
-        self.p = self.policy.heads.proba(layer, (self.total / n).astype(np.float32))
-        if n >= self.policy.min_sentences and float(margin(self.p)) >= self.policy.threshold:
-            return Decision(self.p, n - 1, layer, n, fired=True)
+    def weigh(self, sentence: SentenceMeans) -> Decision | None:
+        policy = self.policy
+        self.total += sentence.at(policy.layer)  # one sentence at a time, as `heads.running_means` sums them
+        n = sentence.index + 1
+        self.p = policy.heads.proba(policy.layer, (self.total / n).astype(np.float32))
+        if n >= policy.min_sentences and float(margin(self.p)) >= policy.threshold:
+            return Decision(self.p, sentence.index, policy.layer, self.doc.n_sentences, fired=True)
         return None
 
-    def finish(self) -> Reading[Decision]:
-        if self.pending:  # a text shorter than min_sentences
-            decision = yield from self._read()
-            if decision is not None:
-                return decision
+    def fallback(self) -> Reading[Decision]:
         n, policy = self.doc.n_sentences, self.policy
         if policy.deepen_layer is not None and float(margin(self.p)) < policy.deepen_below:
             layer = policy.deepen_layer

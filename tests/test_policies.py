@@ -35,12 +35,13 @@ def all_heads(n_layer):
             Pooling.PREFIX: identity_heads(Pooling.PREFIX, n_layer)}
 
 
-def run(name, P, tokens, **params):
-    """Replay policy `name` over the states log(P) of sentences of `tokens[k]` tokens: (decision, document)."""
+def run(name, P, tokens, min_decode_tokens=1, **params):
+    """Replay policy `name` over the states log(P) of sentences of `tokens[k]` tokens, reading ahead to
+    `min_decode_tokens` tokens a decode: (decision, document)."""
     n_layer = P.shape[1]
     policy = make_policy(name, all_heads(n_layer), n_layer, params)
     sentences = [range(n) for n in tokens]  # stand-ins of the right lengths
-    return replay(lambda doc: policy.read(doc, sentences), np.log(P).astype(np.float32), tokens)
+    return replay(lambda doc: policy.read(doc, sentences), np.log(P).astype(np.float32), tokens, min_decode_tokens)
 
 
 def test_accumulator_ignores_low_confidence_and_stops_on_excess():

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ..document import replay as replay_document
+from ..document import MIN_DECODE_TOKENS, replay as replay_document
 from ..heads import ExitHeads, Pooling, whole_text_input
 from ..policies import POLICIES, make_policy
 from ..stats import paired_lower_bound
@@ -105,7 +105,8 @@ def replay_outcomes(
     for i in range(store.n_docs):
         states, counts = store.document(i)
         stand_ins = [range(n) for n in counts]  # sentences of the right length: a replay reads no token
-        decision, doc = replay_document(lambda d: runner.read(d, stand_ins), states, counts)
+        # read ahead as the runtime does, so that replayed costs are what a live read computes
+        decision, doc = replay_document(lambda d: runner.read(d, stand_ins), states, counts, MIN_DECODE_TOKENS)
         correct[i] = decision.label_index == store.labels[i]
         token_layers += doc.token_layers
         operations += doc.operations

@@ -30,7 +30,7 @@ T = TypeVar("T")
 Tokens = Sequence[int]
 
 # llama.cpp's CPU flash attention takes a tiled path only for decodes of at least 64 tokens; smaller decodes are
-# computed row by row, 1.6–2.8× slower per token once a few hundred tokens are cached (docs/llama-cpp.md §9).
+# computed row by row, 1.7–2.8× slower per token once a few hundred tokens are cached (docs/llama-cpp.md §9).
 # Policies that read sentence by sentence read ahead until one decode holds this many tokens.
 MIN_DECODE_TOKENS = 64
 

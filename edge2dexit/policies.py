@@ -27,7 +27,7 @@ computes layers 0..layer, i.e. a depth of layer + 1.
 
 `sentence-vote` and `prefix-mean` weigh sentences one by one but, when they read a whole text, read ahead until one
 decode holds `Document.min_decode_tokens` tokens: on llama.cpp's CPU backend a decode of fewer than 64 tokens costs
-1.6–2.8× more per token (docs/llama-cpp.md §9). Their decisions are those of a sentence-by-sentence read; the
+1.7–2.8× more per token (docs/llama-cpp.md §9). Their decisions are those of a sentence-by-sentence read; the
 sentences a decode carried past the one that decided are paid for and counted. Live streams read each sentence as
 it arrives.
 """

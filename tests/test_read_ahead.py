@@ -1,5 +1,5 @@
 """Reading ahead (`Document.min_decode_tokens`): sentence-by-sentence policies group sentences into decodes of at
-least that many tokens, because llama.cpp's CPU attention is 1.6–2.8× slower per token below 64 (docs/llama-cpp.md
+least that many tokens, because llama.cpp's CPU attention is 1.7–2.8× slower per token below 64 (docs/llama-cpp.md
 §9). Decisions must be those of a one-sentence-per-decode read; only what was paid for may differ. Pure logic
 (property-based, on synthetic grids) and the real SmolLM2 with the default bundle."""
 

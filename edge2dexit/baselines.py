@@ -20,6 +20,9 @@ from .errors import InputError
 
 TFIDF_SETTINGS: dict[str, Any] = {"ngram_range": (1, 2), "sublinear_tf": True}
 LOGREG_SETTINGS: dict[str, Any] = {"max_iter": 1000}  # lbfgs, deterministic; enough iterations for 10^5 features
+TFIDF_NAME = "tfidf-logreg"
+# what the row is, for tables and model cards
+TFIDF_DESCRIPTION = "TF-IDF over word {}–{}-grams + logistic regression".format(*TFIDF_SETTINGS["ngram_range"])
 TRUNCATE_SENTENCES = 3
 TRUNCATE_TOKENS = 512
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .baselines import TFIDF_SETTINGS, TRUNCATIONS, Sentences, fitted, tfidf_logreg
+from .baselines import TFIDF_DESCRIPTION, TFIDF_NAME, TRUNCATIONS, Sentences, fitted, tfidf_logreg
 from .classifier import Classifier, Result
 from .document import whole_text
 from .engine import PlainReader
@@ -148,7 +148,7 @@ def evaluate(
     names = list(dict.fromkeys(["full", *policies]))
     for name in names:
         clf.make_policy(name)  # a bad name or a policy the bundle lacks fails before any reading
-    baselines = {} if train is None else {"tfidf-logreg": _tfidf_row(train, texts, truth, n_classes)}
+    baselines = {} if train is None else {TFIDF_NAME: _tfidf_row(train, texts, truth, n_classes)}
     best = _best_layer(bundle.calibration)
     notes = [] if best else ["no truncation rows: the bundle records no best layer (its calibration record is empty)"]
     truncations = TRUNCATIONS if best else {}
@@ -211,10 +211,9 @@ def _tfidf_row(train: LabelledSet, texts: Sequence[str], truth: np.ndarray, n_cl
     started = time.perf_counter()
     predicted = model.predict(list(texts)).tolist()
     spent = time.perf_counter() - started
-    low, high = TFIDF_SETTINGS["ngram_range"]
     return BaselineScore(
-        "tfidf-logreg", _accuracy(truth, predicted), macro_f1(truth, predicted, n_classes), None, None, spent,
-        f"TF-IDF over word {low}–{high}-grams + logistic regression, trained on the {len(train)} documents of the "
+        TFIDF_NAME, _accuracy(truth, predicted), macro_f1(truth, predicted, n_classes), None, None, spent,
+        f"{TFIDF_DESCRIPTION}, trained on the {len(train)} documents of the "
         f"training split in {fitting:.2f} s; {1000 * spent / len(texts):.3f} ms per document, no LLM layer read",
         predicted,
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..baselines import tfidf_logreg
+from ..baselines import TFIDF_DESCRIPTION, TFIDF_NAME, tfidf_logreg
 from ..bundle import LORA_FILE, MODEL_CARD, MODEL_FILE, BaseModelRef, Bundle, LoraRef, write_bundle
 from ..cache import sha256_file
 from ..engine import Engine
@@ -36,7 +36,7 @@ from .hf import hf_to_gguf, is_hf_checkpoint
 from .settings import ConvertSettings
 from .train import train_heads
 
-TFIDF_ROW = "baseline, no LLM: TF-IDF word 1–2-grams + logistic regression on the same training documents"
+TFIDF_ROW = f"baseline, no LLM: {TFIDF_DESCRIPTION} on the same training documents"
 DEFAULT_PROMPT = "Classify the following text.\nText:"
 SENTIMENT_PROMPT = "Classify the sentiment of this movie review as positive or negative.\nReview:"
 
@@ -65,7 +65,7 @@ class ConvertReport:
             lines.append(f"{name:13} {p.accuracy:9.3f}   {low:.3f}–{high:.3f} {self.calibration.loss_bound[name]:11.3f} "
                          f"{1 / p.cost:12.2f}× {1 / p.operations:10.2f}×  {p.params}")
         low, high = self.interval(self.tfidf_accuracy)
-        lines.append(f"{'tfidf-logreg':13} {self.tfidf_accuracy:9.3f}   {low:.3f}–{high:.3f}  ({TFIDF_ROW})")
+        lines.append(f"{TFIDF_NAME:13} {self.tfidf_accuracy:9.3f}   {low:.3f}–{high:.3f}  ({TFIDF_ROW})")
         lines.append(f"(speed-ups against full depth; loss bound: on calibration, against the best layer; "
                      f"{self.calibration.describe_target()})")
         if self.lora is not None:
@@ -190,7 +190,7 @@ def model_card(settings: ConvertSettings, bundle: Bundle, report: ConvertReport)
         for name, p in report.test.items()
     )
     tfidf_interval = "–".join(f"{x:.3f}" for x in report.interval(report.tfidf_accuracy))
-    rows += f"\n| tfidf-logreg ({TFIDF_ROW}) | {report.tfidf_accuracy:.3f} | {tfidf_interval} | | | | | |"
+    rows += f"\n| {TFIDF_NAME} ({TFIDF_ROW}) | {report.tfidf_accuracy:.3f} | {tfidf_interval} | | | | | |"
     return f"""# edge2dexit bundle
 
 - base model: {base.name or 'model.gguf in this directory'} ({base.architecture}, {base.n_layer} layers, n_embd {base.n_embd}, sha256 {base.sha256})

@@ -273,7 +273,8 @@ class Stream:
     """Text as it arrives (a live chat, a transcript): `feed` returns a Result as soon as the policy is confident,
     else None; `finish` decides on what was read. `prefix-mean` and `sentence-vote` decide while reading; `paper2d`
     needs the sentence count up front (its Δ = L/m), so like `full` and `layer` it decides at `finish`. Each piece
-    fed is split into sentences first. An open stream holds its classifier (see `Classifier`); closing it (or
+    fed is split into sentences first, and its sentences share decodes as a whole text's do (never waiting for the
+    next piece: docs/llama-cpp.md §9). An open stream holds its classifier (see `Classifier`); closing it (or
     leaving `with`) frees its document's sequence and the classifier."""
 
     def __init__(self, classifier: Classifier, name: str, policy: Policy):
@@ -296,15 +297,16 @@ class Stream:
             return self.result
         clf = self.classifier
         check_characters(text, "the streamed text")
-        for piece in clf.bundle.splitter.sentences(text):
-            tokens = clf.engine.tokenize(piece)
+        sentences = list(clf.bundle.splitter.sentences(text))
+        for i, sentence in enumerate(sentences):
+            tokens = clf.engine.tokenize(sentence)
             if self.truncated or self._fed + len(tokens) > self.doc.capacity:
                 if not clf.truncate:
                     raise ContextOverflowError.for_text(self._fed + len(tokens), self.doc.capacity)
                 self.truncated = True
                 return None
             self._fed += len(tokens)
-            decision = clf.engine.run(self._policy_stream.feed(tokens))
+            decision = clf.engine.run(self._policy_stream.feed(tokens, more=i + 1 < len(sentences)))
             if decision is not None:
                 self.result = clf._result(self.name, decision, self.doc, None, self._started, False)
                 return self.result

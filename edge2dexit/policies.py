@@ -21,15 +21,15 @@ computes layers 0..layer, i.e. a depth of layer + 1.
   is what the prefix head reads, and reading stops as soon as its margin clears τ after at least `min_sentences`.
   If the text ends first, the prefix head answers on the whole text; optionally (`deepen_layer`, `deepen_below`) a
   low-margin answer pays for one re-read at a deeper layer. It needs no sentence count up front, so it streams:
-  each sentence that arrives is one decode, and a decision comes out as soon as it is confident. On a one-sentence
+  what arrives is read at once, and a decision comes out as soon as it is confident. On a one-sentence
   text it costs one decode at its layer; calibration picks a layer no deeper than the best static exit layer + 1,
   so it is never more expensive than `layer` there.
 
-`sentence-vote` and `prefix-mean` weigh sentences one by one but, when they read a whole text, read ahead until one
-decode holds `Document.min_decode_tokens` tokens: on llama.cpp's CPU backend a decode of fewer than 64 tokens costs
-1.7–2.8× more per token (docs/llama-cpp.md §9). Their decisions are those of a sentence-by-sentence read; the
-sentences a decode carried past the one that decided are paid for and counted. Live streams read each sentence as
-it arrives.
+`sentence-vote` and `prefix-mean` weigh sentences one by one but read ahead, through the sentences already at hand,
+until one decode holds `Document.min_decode_tokens` tokens: on llama.cpp's CPU backend a decode of fewer than 64
+tokens costs 1.7–2.8× more per token (docs/llama-cpp.md §9). Their decisions are those of a sentence-by-sentence
+read; the sentences a decode carried past the one that decided are paid for and counted. Reading a whole text, every
+sentence is at hand; a live stream never waits for text that has not arrived, but reads ahead within what arrived.
 """
 
 from __future__ import annotations
@@ -114,7 +114,9 @@ class Policy:
 
 
 class PolicyStream:
-    def feed(self, sentence: Tokens) -> Reading[Decision | None]:
+    def feed(self, sentence: Tokens, more: bool = False) -> Reading[Decision | None]:
+        """Take the next sentence; a decision if the policy is confident. `more`: the caller holds the sentences
+        after it (the rest of a text, or of a piece of a stream), so its read may wait to share their decode."""
         raise NotImplementedError
 
     def finish(self) -> Reading[Decision]:
@@ -125,7 +127,7 @@ class _BufferedStream(PolicyStream):
     def __init__(self, policy: Policy, doc: Document):
         self.policy, self.doc, self.sentences = policy, doc, []
 
-    def feed(self, sentence: Tokens) -> Reading[None]:
+    def feed(self, sentence: Tokens, more: bool = False) -> Reading[None]:
         yield from ()  # asks for nothing: the policy reads at finish()
         self.sentences.append(sentence)
 
@@ -140,35 +142,31 @@ class _IncrementalPolicy(Policy):
     min_sentences: int = 1  # no decision before this many sentences
 
     def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
-        # The whole text is at hand: read ahead as far as the document says small decodes cost more.
-        stream = self._stream(doc, doc.min_decode_tokens)
-        for sentence in sentences:
-            decision = yield from stream.feed(sentence)
+        stream = self.stream(doc)
+        for sentence in sentences:  # the whole text is at hand (pulled lazily: a tail never read is never split)
+            decision = yield from stream.feed(sentence, more=True)
             if decision is not None:
                 return decision
         return (yield from stream.finish())
 
-    def stream(self, doc: Document) -> PolicyStream:
-        # Text as it arrives: every sentence is read as soon as it could decide.
-        return self._stream(doc, 1)
-
-    def _stream(self, doc: Document, min_tokens: int) -> "_SentenceStream":
+    def stream(self, doc: Document) -> "_SentenceStream":
         raise NotImplementedError
 
 
 class _SentenceStream(PolicyStream):
     """Sentences read at the policy's layer and weighed one by one, in order. They wait to be read until a
-    decision is possible (`min_sentences`) and one decode holds at least `min_tokens` of them: a decision may then
-    come at a sentence whose decode also carried later ones, which were paid for and count as read."""
+    decision is possible (`min_sentences`) and, while more are at hand, until one decode holds at least
+    `doc.min_decode_tokens` of them: a decision may then come at a sentence whose decode also carried later ones,
+    which were paid for and count as read."""
 
-    def __init__(self, policy: _IncrementalPolicy, doc: Document, min_tokens: int):
-        self.policy, self.doc, self.min_tokens = policy, doc, min_tokens
+    def __init__(self, policy: _IncrementalPolicy, doc: Document):
+        self.policy, self.doc = policy, doc
         self.pending: list[Tokens] = []
 
-    def feed(self, sentence: Tokens) -> Reading[Decision | None]:
+    def feed(self, sentence: Tokens, more: bool = False) -> Reading[Decision | None]:
         self.pending.append(sentence)
         if (self.doc.n_sentences + len(self.pending) < self.policy.min_sentences
-                or sum(map(len, self.pending)) < self.min_tokens):
+                or more and sum(map(len, self.pending)) < self.doc.min_decode_tokens):
             return None
         return (yield from self._read())
 
@@ -256,13 +254,13 @@ class SentenceVote(_IncrementalPolicy):
         self.heads, self.layer, self.tau_ignore, self.tau_acc = heads, n_layer - 1, tau_ignore, tau_acc
         heads.head(self.layer)
 
-    def _stream(self, doc: Document, min_tokens: int) -> _SentenceStream:
-        return _SentenceVoteStream(self, doc, min_tokens)
+    def stream(self, doc: Document) -> _SentenceStream:
+        return _SentenceVoteStream(self, doc)
 
 
 class _SentenceVoteStream(_SentenceStream):
-    def __init__(self, policy: SentenceVote, doc: Document, min_tokens: int):
-        super().__init__(policy, doc, min_tokens)
+    def __init__(self, policy: SentenceVote, doc: Document):
+        super().__init__(policy, doc)
         self.votes = Accumulator(policy.heads.n_classes, policy.tau_ignore, policy.tau_acc)
         self.last: np.ndarray | None = None
 
@@ -334,13 +332,13 @@ class PrefixMean(_IncrementalPolicy):
         if deepen_layer is not None:
             heads.head(deepen_layer)
 
-    def _stream(self, doc: Document, min_tokens: int) -> _SentenceStream:
-        return _PrefixMeanStream(self, doc, min_tokens)
+    def stream(self, doc: Document) -> _SentenceStream:
+        return _PrefixMeanStream(self, doc)
 
 
 class _PrefixMeanStream(_SentenceStream):
-    def __init__(self, policy: PrefixMean, doc: Document, min_tokens: int):
-        super().__init__(policy, doc, min_tokens)
+    def __init__(self, policy: PrefixMean, doc: Document):
+        super().__init__(policy, doc)
         self.total = np.zeros(policy.heads.n_embd, dtype=np.float64)
         self.p: np.ndarray | None = None
 

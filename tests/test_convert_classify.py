@@ -137,7 +137,13 @@ def test_stream_decides_like_classify(classifier):
             if result is not None:
                 break
         result = result or stream.finish()
-    assert result.label == classifier.classify(TEXT, policy="prefix-mean").label
+    whole = classifier.classify(TEXT, policy="prefix-mean")
+    assert result.label == whole.label
+    # fed in one piece, a stream reads its sentences as classify reads the text: in the same decodes
+    with classifier.stream("prefix-mean") as stream:
+        one_piece = stream.feed(TEXT) or stream.finish()
+    assert (one_piece.scores, one_piece.exit_sentence, one_piece.token_layers) == (
+        whole.scores, whole.exit_sentence, whole.token_layers)
     # closing the stream freed its sequence: its document can no longer read
     with pytest.raises(RuntimeError, match="newer Engine.document"):
         classifier.engine.run(stream.doc.append([classifier.engine.tokenize("More.")], 1))

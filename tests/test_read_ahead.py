@@ -54,14 +54,17 @@ def test_decodes_hold_at_least_min_tokens_except_the_last():
     assert [c.n_tokens for c in fake.decodes()] == [12, 10, 11, 2]  # (3+4+5) (6+2+2) (2+9) (1+1): the text ended
 
 
-def test_a_stream_reads_every_sentence_as_it_arrives():
-    """A live stream trades throughput for latency: no read-ahead, whatever the document allows."""
-    fake = FakeExecutor(states=np.log(grid(*np.zeros((3, N_LAYER)))).astype(np.float32))
+def test_a_stream_reads_ahead_only_through_what_has_arrived():
+    """A live stream never waits for text that has not arrived: a sentence fed alone is read at once, the sentences
+    of one piece share decodes as a whole text's do."""
+    fake = FakeExecutor(states=np.log(grid(*np.zeros((7, N_LAYER)))).astype(np.float32))  # never confident
     policy = make_policy("prefix-mean", all_heads(N_LAYER), N_LAYER, {"layer": 2, "threshold": 0.6})
-    stream = policy.stream(Document(0, 100, seq=1, min_decode_tokens=MIN_DECODE_TOKENS))
-    for sentence in ([0, 1], [0, 1, 2], [0]):
-        assert fake.run(stream.feed(sentence)) is None
-    assert [c.n_tokens for c in fake.decodes()] == [2, 3, 1]
+    stream = policy.stream(Document(0, 100, seq=1, min_decode_tokens=5))
+    pieces = [[[0, 1]], [[0, 1, 2]], [[0, 1, 2], [0], [0, 1, 2], [0, 1]], [[0]]]
+    for piece in pieces:
+        for i, sentence in enumerate(piece):
+            assert fake.run(stream.feed(sentence, more=i + 1 < len(piece))) is None
+    assert [c.n_tokens for c in fake.decodes()] == [2, 3, 7, 2, 1]  # the third piece: (3+1+3) (2)
 
 
 # Both policies decide after a few sentences, before any decode of one sentence would reach 64 tokens.

@@ -85,6 +85,24 @@ def test_verify_passes_a_right_export_and_catches_a_wrong_one(smollm2_path, tmp_
             lora.verify(model, base, adapted, docs)
 
 
+def test_an_adapter_trained_to_a_depth_adapts_those_layers_only(smollm2_path, tmp_path):
+    """`LoraSettings.depth` cuts torch's model to the layers the policies read: the adapter file holds those layers
+    only, and llama.cpp applies it there as torch does."""
+    torch.manual_seed(0)
+    model = lora.load_model(smollm2_path, LoraSettings(rank=4, depth=3))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 1e-3)
+    path = lora.export(model, "llama", tmp_path / LORA_FILE)
+    assert {int(t.name.split(".")[1]) for t in GGUFReader(path).tensors} == {0, 1, 2}
+    with Engine.load(smollm2_path, EngineSettings(n_ctx=256), prompt=TASK_PROMPT) as base:
+        docs = lora.tokenized(base, [Splitter().split(REVIEW)[:3]], [1])
+        assert lora.verify(model, base, lambda scale: Engine.load(
+            smollm2_path, EngineSettings(n_ctx=256), prompt=TASK_PROMPT, lora=path, lora_scale=scale), docs) > 0.99
+    with pytest.raises(InputError, match="deeper than the model's 30 layers"):
+        lora.load_model(smollm2_path, LoraSettings(depth=31))
+
+
 @pytest.fixture(scope="module")
 def lora_bundle(tmp_path_factory, smollm2_path):
     return tiny_convert(tmp_path_factory.mktemp("lora-convert"), smollm2_path,

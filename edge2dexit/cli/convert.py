@@ -76,6 +76,9 @@ def convert(
     lora_lr: float = typer.Option(_LORA.lr, min=0.0, help="Learning rate of the LoRA adapters."),
     lora_docs: int = typer.Option(0, min=0, help="Train the adapters on at most this many training documents "
                                                  "(0: all; the heads always use all)."),
+    lora_depth: int = typer.Option(0, min=0, help="Train the adapters through the first N layers only, the loss "
+                                                  "weighted on layer N-1 (where the policies exit; N/n_layer of the "
+                                                  "compute). 0: every layer, the loss on the last (the paper)."),
     n_ctx: int = N_CTX,
     width: int = WIDTH,
     threads: Optional[int] = THREADS,
@@ -92,6 +95,6 @@ def convert(
         quant=quant,
         engine=engine_settings(n_ctx, width, threads), work=work, reuse=tuple(reuse or ()),
         finetune=LoraSettings(rank=lora_rank, epochs=lora_epochs, lr=lora_lr, max_documents=lora_docs or None,
-                              seed=seed) if finetune == "lora" else None,
+                              depth=lora_depth or None, seed=seed) if finetune == "lora" else None,
     )
     typer.echo(run_convert(settings).summary())

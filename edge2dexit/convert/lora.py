@@ -11,7 +11,10 @@ exported adapter, and `verify` checks first that llama.cpp applies the adapter a
 
 The loss of one document: at each layer, the running means of its sentence means (what the prefix-mean policy
 reads), a head per layer, class-weighted cross-entropy averaged over the prefixes; layers weighted as the paper does
-(0.8 on the last, 0.1 on each other), normalised to sum to one.
+(0.8 on the last, 0.1 on each other), normalised to sum to one. The paper puts the heavy weight on the model's last
+layer; the policies here exit in the middle (BENCHMARKS §2), so `LoraSettings.depth` can cut the model to the layers
+they read: the heavy weight then falls on the exit layer, the layers above stay untouched, and each training step
+costs depth / n_layer of a whole one.
 
 Imports torch, transformers and peft: only the converter imports this module.
 """
@@ -69,7 +72,8 @@ def tokenized(engine: Engine, sentences: Sequence[Sequence[str]], labels: Sequen
 
 
 def load_model(model_path: str | Path, settings: LoraSettings) -> nn.Module:
-    """The GGUF model in fp32 torch with fresh LoRA adapters (B = 0: the model computes what the base does)."""
+    """The GGUF model in fp32 torch with fresh LoRA adapters (B = 0: the model computes what the base does),
+    cut to its first `settings.depth` layers if given."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -81,6 +85,11 @@ def load_model(model_path: str | Path, settings: LoraSettings) -> nn.Module:
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.requires_grad_(False)
+    if settings.depth is not None:  # the layers above are never run, so they get no adapter either
+        n_layer = model.config.num_hidden_layers
+        if settings.depth > n_layer:
+            raise InputError(f"LoRA depth {settings.depth} is deeper than the model's {n_layer} layers")
+        model.model.layers = model.model.layers[: settings.depth]
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.targets),
                         lora_dropout=0.0, bias="none")
     with warnings.catch_warnings():  # peft asks a deprecated transformers property; nothing for a user to do
@@ -159,7 +168,8 @@ class LoraReport:
         epochs = "; ".join(f"epoch {e['epoch']}: validation loss {e['val_loss']:.3f}, accuracy "
                            f"{e['val_accuracy_mean_over_layers']:.3f} (mean over layers)" for e in self.epochs)
         cosine = f"{self.adapter_cosine:.4f}" if self.adapter_cosine is not None else "not checked"
-        return (f"LoRA rank {s.rank} (alpha {s.alpha:g}) on {', '.join(s.targets)} of every layer, trained on "
+        layers = "every layer" if s.depth is None else f"layers 0–{s.depth - 1} (the loss's last weight on {s.depth - 1})"
+        return (f"LoRA rank {s.rank} (alpha {s.alpha:g}) on {', '.join(s.targets)} of {layers}, trained on "
                 f"{self.documents} documents ({epochs}; kept epoch {self.best_epoch}) in {self.seconds:.0f} s; "
                 f"its effect on the states in llama.cpp against torch: cosine {cosine}")
 
@@ -310,7 +320,8 @@ def verify(model: nn.Module, base: Engine, adapted: Callable[[float], Engine], d
     with adapted(scale) as engine:
         for doc, t_base, t_adapted in zip(docs, torch_base, torch_adapted):
             sentences = [doc.ids[a:b] for a, b in doc.spans]
-            l_base, l_adapted = (e.run(whole_text(e.document(), sentences, e.n_layer)).transpose(1, 0, 2)
+            depth = len(t_base)  # torch's model may be cut to the layers LoRA trained
+            l_base, l_adapted = (e.run(whole_text(e.document(), sentences, depth)).transpose(1, 0, 2)
                                  for e in (base, engine))
             t, l = (t_adapted - t_base).ravel(), (l_adapted - l_base).ravel()
             cosines.append(float(t @ l / (np.linalg.norm(t) * np.linalg.norm(l))))

@@ -48,12 +48,15 @@ class LoraSettings:
     other_weight: float = 0.1
     validation_fraction: float = 0.15  # of the training documents, by class, to choose the epoch
     max_documents: int | None = None  # train the adapters on at most this many (CPU time); heads use every one
+    # train through the first `depth` layers only, where the policies exit: adapters on those layers, the loss's
+    # last weight on layer depth - 1, and depth / n_layer of the compute. None: every layer, as the paper
+    depth: int | None = None
     stats_documents: int = 32  # documents whose base states standardise the auxiliary heads' inputs
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.rank, self.epochs, self.batch, self.stats_documents) < 1 or self.alpha <= 0:
-            raise ValueError("rank, epochs, batch and stats_documents must be at least 1 and alpha positive")
+        if min(self.rank, self.epochs, self.batch, self.stats_documents, self.depth or 1) < 1 or self.alpha <= 0:
+            raise ValueError("rank, epochs, batch, stats_documents and depth must be at least 1 and alpha positive")
         if not self.targets:
             raise ValueError("LoRA needs at least one target projection")
         if not 0 < self.validation_fraction < 1:

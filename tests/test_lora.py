@@ -153,3 +153,31 @@ def test_a_bundle_whose_adapter_is_missing_or_altered_is_refused(lora_bundle, tm
     text.write_text(TEXT)
     result = CliRunner().invoke(app, ["classify", str(text), "--bundle", str(copy)])
     assert result.exit_code == BundleError.exit_code and "needs its LoRA adapter" in result.output
+
+
+def test_training_resumes_after_the_last_epoch_saved(smollm2_path, tmp_path, capfd):
+    """An interrupted training (here: one of two epochs) goes on from its checkpoint and ends where an uninterrupted
+    run ends; a finished one trains nothing more."""
+    from edge2dexit.convert.settings import TrainSettings
+
+    with Engine.load(smollm2_path, EngineSettings(n_ctx=256), prompt=TASK_PROMPT) as base:
+        sentences = Splitter().split(REVIEW)
+        docs = lora.tokenized(base, [sentences[i:i + 2] for i in range(6)], [0, 1, 0, 1, 0, 1])
+    settings = LoraSettings(rank=2, epochs=2, batch=2, stats_documents=2, depth=2, validation_fraction=0.3)
+
+    def train(epochs, checkpoint=None):
+        model, report = lora.finetune(smollm2_path, docs, 2, LoraSettings(**{**settings.__dict__, "epochs": epochs}),
+                                      TrainSettings(hidden=4), threads=1, checkpoint=checkpoint)
+        return lora.adapter_pairs(model, "llama")[0], report
+
+    straight, _ = train(2)
+    train(1, tmp_path / "lora")
+    resumed, report = train(2, tmp_path / "lora")
+    assert "resumed after epoch 1" in capfd.readouterr().err
+    assert [e["epoch"] for e in report.epochs] == [1, 2]
+    for name, (a, b) in straight.items():
+        np.testing.assert_allclose(resumed[name][0], a, atol=1e-6)
+        np.testing.assert_allclose(resumed[name][1], b, atol=1e-6)
+    again, report = train(2, tmp_path / "lora")  # finished: nothing left to train, the same adapter comes back
+    assert "resumed after epoch 2" in capfd.readouterr().err
+    np.testing.assert_array_equal(again[next(iter(again))][1], resumed[next(iter(resumed))][1])

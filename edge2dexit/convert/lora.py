@@ -21,12 +21,15 @@ Imports torch, transformers and peft: only the converter imports this module.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -176,10 +179,13 @@ class LoraReport:
 
 def finetune(
     model_path: str | Path, docs: Sequence[TokenizedDoc], n_classes: int, settings: LoraSettings, head: TrainSettings,
-    threads: int | None = None,
+    threads: int | None = None, checkpoint: str | Path | None = None,
 ) -> tuple[nn.Module, LoraReport]:
     """Train LoRA adapters and auxiliary heads on `docs`; returns the peft model with the adapters of the epoch of
-    lowest validation loss (documents set aside by class, as for the heads)."""
+    lowest validation loss (documents set aside by class, as for the heads).
+
+    With `checkpoint` (a directory), the training state is saved there after every epoch, and a run with the same
+    model file, settings and documents resumes after the last epoch saved (a finished one trains nothing)."""
     started = time.perf_counter()
     labels = np.array([d.label for d in docs])
     if len(np.unique(labels)) < 2:
@@ -192,15 +198,62 @@ def finetune(
         torch.manual_seed(settings.seed)
         model = load_model(model_path, settings)
         taps = _LayerOutputs(_decoder(model))
+        saved = _Checkpoint(Path(checkpoint), _fingerprint(model_path, docs, n_classes, settings, head)) \
+            if checkpoint is not None else None
         try:
-            return _train(model, taps, docs, train_docs, val_docs, n_classes, settings, head, started)
+            return _train(model, taps, docs, train_docs, val_docs, n_classes, settings, head, started, saved)
         finally:
             taps.close()
 
 
+def _fingerprint(model_path: str | Path, docs: Sequence[TokenizedDoc], n_classes: int, settings: LoraSettings,
+                 head: TrainSettings) -> str:
+    """What a training run depends on: a checkpoint of another model, settings or documents is never resumed. The
+    number of epochs is left out, so that a run may go on for more epochs than an earlier one trained."""
+    from ..cache import sha256_file
+
+    trained = {k: v for k, v in asdict(settings).items() if k != "epochs"}
+    digest = hashlib.sha256(json.dumps([sha256_file(model_path), n_classes, trained, asdict(head)],
+                                       default=str).encode())
+    for doc in docs:
+        digest.update(np.asarray([doc.label, len(doc.ids), *doc.ids, *np.ravel(doc.spans)], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+class _Checkpoint:
+    """The training state after each epoch, in a directory: `state.pt` (tensors only, read back with
+    weights_only=True) and `meta.json` (the run's fingerprint, the epochs done, their history). Written, then
+    renamed, so an interrupted save leaves the previous epoch whole."""
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.directory, self.fingerprint = directory, fingerprint
+        self._state, self._meta = directory / "state.pt", directory / "meta.json"
+
+    def load(self) -> tuple[dict, dict] | None:
+        """(meta, state) of the last epoch saved by this very run, or None."""
+        try:
+            meta = json.loads(self._meta.read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("fingerprint") != self.fingerprint or not self._state.exists():
+            return None
+        return meta, torch.load(self._state, weights_only=True)
+
+    def save(self, epoch: int, history: list[dict], best: tuple[float, int], seconds: float, state: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        part = self._state.with_name(self._state.name + ".part")
+        torch.save(state, part)
+        os.replace(part, self._state)
+        meta = {"fingerprint": self.fingerprint, "epoch": epoch, "history": history, "best_loss": best[0],
+                "best_epoch": best[1], "seconds": seconds}
+        part = self._meta.with_name(self._meta.name + ".part")
+        part.write_text(json.dumps(meta))
+        os.replace(part, self._meta)
+
+
 def _train(model: nn.Module, taps: _LayerOutputs, docs: Sequence[TokenizedDoc], train_docs: np.ndarray,
            val_docs: np.ndarray, n_classes: int, settings: LoraSettings, head: TrainSettings,
-           started: float) -> tuple[nn.Module, LoraReport]:
+           started: float, checkpoint: _Checkpoint | None) -> tuple[nn.Module, LoraReport]:
     with torch.no_grad():  # standardisation from the base model's states (B = 0 still)
         sample = [prefix_means(sentence_means(model, taps, docs[i])) for i in train_docs[: settings.stats_documents]]
     flat = torch.cat(sample, dim=1)
@@ -219,7 +272,20 @@ def _train(model: nn.Module, taps: _LayerOutputs, docs: Sequence[TokenizedDoc], 
 
     order = np.random.default_rng(settings.seed)
     history, best = [], (math.inf, 0, None)
-    for epoch in range(1, settings.epochs + 1):
+    first = 1
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is not None:
+        meta, state = resumed
+        model.load_state_dict(state["lora"], strict=False)
+        heads.load_state_dict(state["heads"])
+        optimiser.load_state_dict(state["optimiser"])
+        history, first = meta["history"], meta["epoch"] + 1
+        started -= meta["seconds"]  # the report counts the training time of every run
+        best = (meta["best_loss"], meta["best_epoch"], state["best_lora"])
+        for _ in range(meta["epoch"]):  # the document orders of the epochs done, so that the next one is the same
+            order.permutation(train_docs)
+        print(f"LoRA: resumed after epoch {meta['epoch']} from {checkpoint.directory}", file=sys.stderr)
+    for epoch in range(first, settings.epochs + 1):
         model.train()
         step = 0
         for i in tqdm(order.permutation(train_docs), desc=f"LoRA epoch {epoch}", unit="doc", file=sys.stderr,
@@ -237,6 +303,10 @@ def _train(model: nn.Module, taps: _LayerOutputs, docs: Sequence[TokenizedDoc], 
         history.append({"epoch": epoch, "val_loss": val_loss, "val_accuracy_mean_over_layers": accuracy})
         if val_loss < best[0]:
             best = (val_loss, epoch, _lora_state(model))
+        if checkpoint is not None:
+            state = {"lora": _lora_state(model), "heads": heads.state_dict(), "optimiser": optimiser.state_dict(),
+                     "best_lora": best[2]}
+            checkpoint.save(epoch, history, best[:2], time.perf_counter() - started, state)
     model.load_state_dict(best[2], strict=False)
     return model, LoraReport(settings, len(train_docs), history, best[1], time.perf_counter() - started)
 

@@ -104,7 +104,8 @@ def convert(settings: ConvertSettings) -> ConvertReport:
 
     lora_path, lora_report = None, None
     if settings.finetune is not None:
-        lora_path, lora_report = _finetune(settings, model_path, prompt, splitter, splits, out / LORA_FILE)
+        lora_path, lora_report = _finetune(settings, model_path, prompt, splitter, splits, out / LORA_FILE,
+                                           work / "lora")
         timings["lora"] = time.perf_counter() - started - sum(timings.values())
 
     stores: dict[str, FeatureStore] = {}
@@ -152,15 +153,15 @@ def convert(settings: ConvertSettings) -> ConvertReport:
 
 
 def _finetune(settings: ConvertSettings, model_path: Path, prompt: str, splitter: Splitter, splits: Splits,
-              path: Path) -> tuple[Path, lora.LoraReport]:
-    """Train a LoRA adapter on the training split, write it to `path`, and check that llama.cpp applies it as
-    torch trained it."""
+              path: Path, checkpoint: Path) -> tuple[Path, lora.LoraReport]:
+    """Train a LoRA adapter on the training split (resuming from `checkpoint` after the last epoch saved), write it
+    to `path`, and check that llama.cpp applies it as torch trained it."""
     train = splits.train
     with Engine.load(model_path, settings.engine, prompt=prompt) as base:
         sentences = [splitter.split(text)[: settings.max_sentences] for text in train.texts]
         docs = lora.tokenized(base, sentences, train.labels)
         model, report = lora.finetune(model_path, docs, len(train.label_names), settings.finetune, settings.head,
-                                      settings.engine.n_threads)
+                                      settings.engine.n_threads, checkpoint)
         lora.export(model, base.architecture, path)
         report.adapter_cosine = lora.verify(
             model, base, lambda scale: Engine.load(model_path, settings.engine, prompt=prompt, lora=path,

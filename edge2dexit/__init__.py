@@ -16,7 +16,7 @@ _LAZY = {
     "Result": "classifier",
     "Stream": "classifier",
     "Engine": "engine",
-    "EngineSettings": "engine",
+    "EngineSettings": "settings",
 }
 
 __all__ = [*_LAZY, "Edge2DExitError", "InputError", "ModelError", "BundleError", "ContextOverflowError"]

@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, ReaderTensor
 from . import keys
 from .cache import sha256_file
 from .errors import BundleError, InputError
+from .files import replacing
 from .heads import ExitHead, ExitHeads
 from .keys import Key, Keys
 from .models.gguf_file import check_gguf
@@ -254,24 +255,20 @@ def write_lora(path: str | os.PathLike[str], architecture: str, pairs: dict[str,
 
 def _write_gguf(path: str | os.PathLike[str], architecture: str, metadata: list[tuple[Key, Any]],
                 tensors: list[tuple[str, np.ndarray]]) -> Path:
-    """Write a GGUF file atomically (a temporary file renamed into place): a crash never leaves half a bundle."""
+    """Write a GGUF file whole or not at all (`files.replacing`): a crash never leaves half a bundle."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = GGUFWriter(tmp, arch=architecture)
-    try:
-        for key, value in metadata:
-            writer.add_key_value(key.name, value, key.type, key.item)  # not add_string: it drops empty strings
-        for name, array in tensors:
-            writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        writer = GGUFWriter(tmp, arch=architecture)
+        try:
+            for key, value in metadata:
+                writer.add_key_value(key.name, value, key.type, key.item)  # not add_string: it drops empty strings
+            for name, array in tensors:
+                writer.add_tensor(name, array)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from .files import write_text
 
 HOME_ENV = "EDGE2DEXIT_HOME"
 _STAMP_FILE = "sha256.json"
@@ -47,11 +48,7 @@ def remember_sha256(path: Path, digest: str) -> None:
     key, size, mtime_ns = _stamp_key(path)
     stamps = _load_stamps()
     stamps[key] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}
-    # Write then rename, so a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix=".sha256-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(stamps, f, indent=1)
-    os.replace(tmp, cache_dir() / _STAMP_FILE)
+    write_text(cache_dir() / _STAMP_FILE, json.dumps(stamps, indent=1))
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -7,7 +7,7 @@
         for key, outcome in clf.classify_many(enumerate(texts)):   # many documents in one batch, as they finish
             ...                                     # outcome: a Result, or the Edge2DExitError of that text
 
-    with Classifier() as clf, clf.stream() as stream:   # sentences as they arrive
+    with Classifier() as clf, clf.stream() as stream:   # text as it arrives, in pieces of any size
         for piece in transcript:
             if (result := stream.feed(piece)) is not None:
                 break                               # decided early
@@ -16,34 +16,39 @@
 
 Texts are split and tokenized lazily, sentence by sentence, as the policy asks for them: a policy that decides
 after three sentences never pays for splitting or tokenizing the rest.
+
+The classifier never downloads: the base model comes from the bundle directory, a path, or the cache, where
+`edge2dexit models pull` puts it.
 """
 
 from __future__ import annotations
 
-import threading
 import os
+import threading
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 from .bundle import Bundle, load_bundle
 from .cache import sha256_file
-from .document import Document, Reading
-from .engine import Engine, EngineSettings
+from .document import Document, Reading, Tokens
+from .engine import Engine
 from .errors import ContextOverflowError, Edge2DExitError, InputError
+from .lifetime import Owner
 from .models.registry import resolve_model
 from .policies import Decision, Policy, PolicyStream, make_policy
+from .settings import EngineSettings
 from .texts import check_characters, check_text
 
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
 
 
-def base_model_path(bundle: Bundle, model: str | os.PathLike[str] | None = None) -> Path:
+def base_model_path(bundle: Bundle, model: str | os.PathLike[str] | None = None, pull_missing: bool = False) -> Path:
     """The model file a bundle is read with: `model` if given, else the one shipped in the bundle, else its base
-    model by registry name (pulled into the cache if missing)."""
-    return resolve_model(model or bundle.model_file or bundle.base.name)
+    model by registry name, from the cache (downloaded only with `pull_missing`; `edge2dexit models pull NAME`)."""
+    return resolve_model(model or bundle.model_file or bundle.base.name, pull_missing=pull_missing)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,10 @@ class Result:
     token_layers: int  # tokens × layers llama.cpp really computed, re-decodes included
     tokens: int  # tokens of text read
     seconds: float  # wall time of the classification (splitting, tokenizing, reading, deciding)
+    # How close the decision came to going another way: the smallest distance between a quantity the policy compared
+    # and its threshold, a tie between the top two classes included (policies.py). A read whose numbers move by
+    # less (batched with other documents, another backend) decides the same.
+    boundary_gap: float
     truncated: bool = False  # the text did not fit the context and its tail was not read
 
     def as_pipeline(self) -> list[dict[str, Any]]:
@@ -71,47 +80,62 @@ class Result:
         return asdict(self)
 
 
+class _Room:
+    """The tokens of text a document still has room for. Past it, a text is refused (ContextOverflowError) or, with
+    `truncate`, ends there: a sentence that does not fit is left out, or, when not even the first fits, cut to
+    the room (a prefix of a sentence's tokens is a valid token stream)."""
+
+    def __init__(self, capacity: int, truncate: bool):
+        self.capacity, self.truncate = capacity, truncate
+        self.used = 0
+        self.sentences = 0  # taken so far
+        self.full = False  # a sentence was left out or cut: the text ends here
+
+    def take(self, tokens: Tokens) -> Tokens | None:
+        """`tokens` as they fit (cut if need be), or None when the text ends before them."""
+        if self.full:
+            return None
+        if self.used + len(tokens) > self.capacity:
+            if not self.truncate:
+                raise ContextOverflowError.for_text(self.used + len(tokens), self.capacity)
+            self.full = True
+            if self.sentences:
+                return None
+            tokens = tokens[: self.capacity]
+        self.used += len(tokens)
+        self.sentences += 1
+        return tokens
+
+
 class _Sentences:
     """A text's sentences as token lists, split and tokenized only as far as they are pulled, within the room of
-    the context: past it, either the text is refused (ContextOverflowError) or, with `truncate`, it ends there."""
+    the context."""
 
-    def __init__(self, classifier: "Classifier", text: str, room: int):
+    def __init__(self, classifier: "Classifier", text: str, capacity: int):
         self._pieces = classifier.bundle.splitter.sentences(text)
         self._tokenize = classifier.engine.tokenize
-        self._truncate, self._room = classifier.truncate, room
-        self.pulled = 0  # sentences handed out
-        self.used = 0  # their tokens
-        self.truncated = False
+        self.room = _Room(capacity, classifier.truncate)
         self.ended = False  # the text (or its part that fits) has no sentence left
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[Tokens]:
         return self
 
-    def __next__(self) -> list[int]:
-        if self.ended:
-            raise StopIteration
-        piece = next(self._pieces, None)
-        if piece is None:
+    def __next__(self) -> Tokens:
+        piece = None if self.ended else next(self._pieces, None)
+        tokens = None if piece is None else self.room.take(self._tokenize(piece))
+        if tokens is None:
             self.ended = True
             raise StopIteration
-        tokens = self._tokenize(piece)
-        if self.used + len(tokens) > self._room:
-            if not self._truncate or self.pulled == 0:
-                raise ContextOverflowError.for_text(self.used + len(tokens), self._room)
-            self.truncated = self.ended = True
-            raise StopIteration
-        self.pulled += 1
-        self.used += len(tokens)
         return tokens
 
     def total(self) -> int | None:
         """Sentences in the text if reading reached its end, or if a peek shows no sentence is left; else None."""
-        if self.ended or next(self._pieces, None) is None:
-            return self.pulled
+        if self.ended or self.room.full or next(self._pieces, None) is None:
+            return self.room.sentences
         return None
 
 
-class Classifier:
+class Classifier(Owner):
     """Loads a bundle and its base model once; classifies any number of texts. Close it (or use `with`).
 
     One classification (or stream) runs at a time on one classifier; `classify_many` reads up to
@@ -131,23 +155,19 @@ class Classifier:
         settings: EngineSettings = EngineSettings(),
         truncate: bool = False,
     ):
+        super().__init__()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE)
         self.model_path = base_model_path(self.bundle, model)
         self.truncate = truncate
         self._lock = threading.Lock()
         self._reader: int | None = None  # the thread holding the lock
         self.closed = False
-        self.engine = Engine.load(self.model_path, settings, prompt=self.bundle.task_prompt,
-                                  lora=self.bundle.lora_file())
-        try:
-            self.bundle.check_base(
-                sha256_file(self.model_path), self.engine.architecture, self.engine.n_layer, self.engine.n_embd
-            )
-            self.policy_name = policy or self.bundle.default_policy
-            self.policy = self.make_policy(self.policy_name)
-        except BaseException:
-            self.engine.close()
-            raise
+        self.engine = self._resources.enter_context(
+            Engine.load(self.model_path, settings, prompt=self.bundle.task_prompt, lora=self.bundle.lora_file()))
+        self.bundle.check_base(sha256_file(self.model_path), self.engine.architecture, self.engine.n_layer,
+                               self.engine.n_embd)
+        self.policy_name = policy or self.bundle.default_policy
+        self.policy = self.make_policy(self.policy_name)
 
     def make_policy(self, name: str) -> Policy:
         return make_policy(name, self.bundle.heads, self.engine.n_layer, self.bundle.policy_params(name))
@@ -161,14 +181,16 @@ class Classifier:
         with self._engine_turn():
             started = time.perf_counter()
             doc = self.engine.document()
-            return self._finish(self.engine.run(self._reading(doc, text, name)), name, doc, started)
+            decision, sentences = self.engine.run(self._reading(doc, text, name))
+            return self._result(name, decision, doc, sentences.total(), started, sentences.room.full)
 
     def classify_many(
         self, texts: Iterable[str] | Iterable[tuple[Hashable, str]], policy: str | None = None
     ) -> Iterator[tuple[Hashable, Result | Edge2DExitError]]:
         """Classify many texts with up to `settings.width` of them in flight in shared llama.cpp decodes,
         yielding (key, Result) as each finishes — not in input order — or (key, error) for a text that could not
-        be classified (empty, too long, ...): the others go on. Plain strings are keyed by their index."""
+        be classified (empty, too long, not a string: NaN or None from a table...): the others go on. Plain
+        strings, and anything that is not a (key, text) pair, are keyed by their index."""
         name = policy or self.policy_name
         self._policy(name)  # a bad policy name fails here, once, not once per text
         jobs = ((key, self._job(text, name)) for key, text in _keyed(texts))
@@ -179,8 +201,9 @@ class Classifier:
                         raise done.error
                     yield done.key, done.error
                 else:
-                    outcome, started = done.result
-                    yield done.key, self._finish(outcome, name, done.doc, started)
+                    (decision, sentences), started = done.result
+                    yield done.key, self._result(name, decision, done.doc, sentences.total(), started,
+                                                 sentences.room.full)
 
     def __call__(self, texts: str | Sequence[str]) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         if isinstance(texts, str):
@@ -225,10 +248,6 @@ class Classifier:
         decision = yield from self._policy(name).read(doc, sentences)
         return decision, sentences
 
-    def _finish(self, outcome: tuple[Decision, _Sentences], name: str, doc: Document, started: float) -> Result:
-        decision, sentences = outcome
-        return self._result(name, decision, doc, sentences.total(), started, sentences.truncated)
-
     def _result(
         self, name: str, decision: Decision, doc: Document, total: int | None, started: float, truncated: bool
     ) -> Result:
@@ -247,6 +266,7 @@ class Classifier:
             token_layers=doc.token_layers,
             tokens=doc.n_tokens,
             seconds=time.perf_counter() - started,
+            boundary_gap=decision.boundary_gap,
             truncated=truncated,
         )
 
@@ -255,82 +275,73 @@ class Classifier:
         stream ends here)."""
         with nullcontext() if self._reader == threading.get_ident() else self._lock:
             self.closed = True
-            self.engine.close()
-
-    def __enter__(self) -> "Classifier":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+            super().close()
 
 
-def _keyed(texts: Iterable[str] | Iterable[tuple[Hashable, str]]) -> Iterator[tuple[Hashable, str]]:
+def _keyed(texts: Iterable[Any]) -> Iterator[tuple[Hashable, Any]]:
+    """(key, text) for every item: a (key, text) pair as it is, anything else keyed by its index (a text that is
+    not a string is refused when its reading starts, as one error of its own)."""
     for i, item in enumerate(texts):
-        yield (i, item) if isinstance(item, str) else item
+        yield item if isinstance(item, tuple) and len(item) == 2 else (i, item)
 
 
-class Stream:
-    """Text as it arrives (a live chat, a transcript): `feed` returns a Result as soon as the policy is confident,
-    else None; `finish` decides on what was read. `prefix-mean` and `sentence-vote` decide while reading; `paper2d`
-    needs the sentence count up front (its Δ = L/m), so like `full` and `layer` it decides at `finish`. Each piece
-    fed is split into sentences first, and its sentences share decodes as a whole text's do (never waiting for the
-    next piece: docs/llama-cpp.md §9). An open stream holds its classifier (see `Classifier`); closing it (or
-    leaving `with`) frees its document's sequence and the classifier."""
+class Stream(Owner):
+    """Text as it arrives (a live chat, a transcript, typing): `feed` takes a piece of any size and returns a
+    Result as soon as the policy is confident, else None; `finish` decides on what was read.
+
+    A sentence is read only once it is complete (`sentences.Pieces`): however the text is cut into pieces, the
+    stream reads the sentences the whole text has, and decides at the same sentence as `classify` (its scores may
+    differ in the last digits where decodes are grouped otherwise, docs/llama-cpp.md §5). The last sentence is
+    read at `finish`. The complete sentences of one piece share decodes as a whole text's do, but a stream never
+    waits for text that has not arrived (docs/llama-cpp.md §9). `prefix-mean` and `sentence-vote` decide while
+    reading; `paper2d` needs the sentence count up front (its Δ = L/m), so like `full` and `layer` it decides at
+    `finish`. An open stream holds its classifier (see `Classifier`); closing it (or leaving `with`) frees its
+    document's sequence and the classifier."""
 
     def __init__(self, classifier: Classifier, name: str, policy: Policy):
+        super().__init__()
         self.classifier, self.name = classifier, name
-        self._turn = ExitStack()
-        self._turn.enter_context(classifier._engine_turn())
-        try:
-            self.doc = classifier.engine.document()
-            self._policy_stream: PolicyStream = policy.stream(self.doc)
-        except BaseException:
-            self._turn.close()
-            raise
-        self._fed = 0
+        self._resources.enter_context(classifier._engine_turn())
+        self.doc = classifier.engine.document()
+        self._resources.callback(self._forget)  # before the turn is given back
+        self._policy_stream: PolicyStream = policy.stream(self.doc)
+        self._pieces = classifier.bundle.splitter.pieces()
+        self._room = _Room(self.doc.capacity, classifier.truncate)
         self._started = time.perf_counter()
-        self.truncated = False
         self.result: Result | None = None
 
     def feed(self, text: str) -> Result | None:
-        if self.result is not None:
-            return self.result
-        clf = self.classifier
-        check_characters(text, "the streamed text")
-        sentences = list(clf.bundle.splitter.sentences(text))
-        for i, sentence in enumerate(sentences):
-            tokens = clf.engine.tokenize(sentence)
-            if self.truncated or self._fed + len(tokens) > self.doc.capacity:
-                if not clf.truncate:
-                    raise ContextOverflowError.for_text(self._fed + len(tokens), self.doc.capacity)
-                self.truncated = True
-                return None
-            self._fed += len(tokens)
-            decision = clf.engine.run(self._policy_stream.feed(tokens, more=i + 1 < len(sentences)))
-            if decision is not None:
-                self.result = clf._result(self.name, decision, self.doc, None, self._started, False)
-                return self.result
-        return None
+        if self.result is None:
+            check_characters(text, "the streamed text")
+            self._read(self._pieces.feed(text))
+        return self.result
 
     def finish(self) -> Result:
         if self.result is None:
-            if self._fed == 0:
+            self._read(self._pieces.close())
+        if self.result is None:
+            if self._room.sentences == 0:
                 raise InputError("the stream ended before any sentence arrived")
             decision = self.classifier.engine.run(self._policy_stream.finish())
-            n = decision.sentences_read
-            self.result = self.classifier._result(self.name, decision, self.doc, n, self._started, self.truncated)
+            self._decided(decision, total=self._room.sentences)
         return self.result
 
-    def close(self) -> None:
-        """Forget what the stream read (the next document on this sequence would do it anyway) and let others read."""
-        try:
-            if not self.classifier.closed:
-                self.classifier.engine.release(self.doc)
-        finally:
-            self._turn.close()
+    def _read(self, sentences: list[str]) -> None:
+        """Give the policy these complete sentences, as far as they fit; decide if it is confident."""
+        engine = self.classifier.engine
+        for i, sentence in enumerate(sentences):
+            tokens = self._room.take(engine.tokenize(sentence))
+            if tokens is None:
+                return
+            decision = engine.run(self._policy_stream.feed(tokens, more=i + 1 < len(sentences)))
+            if decision is not None:
+                self._decided(decision, total=None)
+                return
 
-    def __enter__(self) -> "Stream":
-        return self
+    def _decided(self, decision: Decision, total: int | None) -> None:
+        self.result = self.classifier._result(self.name, decision, self.doc, total, self._started, self._room.full)
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _forget(self) -> None:
+        """Forget what the stream read (the next document on this sequence would do it anyway)."""
+        if not self.classifier.closed:
+            self.classifier.engine.release(self.doc)

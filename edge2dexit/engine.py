@@ -21,34 +21,23 @@ a decode) llama.cpp's numbers differ in the last digits (docs/llama-cpp.md §5).
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from .document import MIN_DECODE_TOKENS, Computed, Decode, Document, Forget, Reading, Request, drive
+from .document import Computed, Decode, Document, Forget, Reading, Request, drive
 from .errors import ContextOverflowError
-from .llama import Context, ContextSettings, Model, Span
+from .lifetime import Owner
+from .llama import Context, ContextSettings, Model, Span, gpu_offload
 from .sentences import token_text
+from .settings import EngineSettings
 
 T = TypeVar("T")
 K = TypeVar("K")
 PROMPT_SEQ = 0
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    n_ctx: int = 2048  # tokens per document: task prompt + text
-    width: int = 1  # documents in flight (sequences of one context)
-    n_batch: int = 2048  # tokens in one graph; a decode that may stop inside the graph must fit in one
-    n_threads: int | None = None  # None: every core this process may use
-    n_gpu_layers: int = 0  # layers offloaded to a GPU build of llama.cpp (0 on CPU)
-    min_decode_tokens: int = MIN_DECODE_TOKENS  # sentence-by-sentence policies read ahead this far (1: never)
-
-    def __post_init__(self) -> None:
-        if self.n_ctx < 16 or self.width < 1 or self.n_batch < 16 or self.min_decode_tokens < 1:
-            raise ValueError(f"n_ctx and n_batch must be at least 16, width and min_decode_tokens at least 1, got {self}")
 
 
 @dataclass
@@ -69,11 +58,15 @@ class _InFlight:
     request: Decode | None = field(default=None)
 
 
-class Engine:
+class Engine(Owner):
     """A model and a context with the task prompt decoded once. Close it (or use `with`)."""
 
     def __init__(self, model: Model, context: Context, prompt_tokens: list[int], settings: EngineSettings):
-        """Take ownership of `model` and `context` (see `Engine.load`); decode the prompt into sequence 0."""
+        """Take ownership of `model` and `context` (see `Engine.load`); decode the prompt into sequence 0.
+        `settings` are those the context was made with, every choice made (`EngineSettings.for_backend`)."""
+        super().__init__()
+        self._resources.enter_context(model)
+        self._resources.enter_context(context)  # freed first: a context lives inside its model
         self.model, self.context, self.settings = model, context, settings
         self.n_layer, self.n_embd, self.architecture = model.n_layer, model.n_embd, model.architecture
         self.prompt_tokens = prompt_tokens
@@ -85,25 +78,23 @@ class Engine:
     def load(cls, model_path: str | Path, settings: EngineSettings = EngineSettings(), prompt: str = "",
              lora: str | Path | None = None, lora_scale: float = 1.0) -> "Engine":
         """Load a GGUF model with llama.cpp and make a context for `settings.width` documents after `prompt`,
-        computing through the LoRA adapter file `lora` (times `lora_scale`) if one is given."""
-        model = Model(model_path, n_gpu_layers=settings.n_gpu_layers)
-        try:
+        computing through the LoRA adapter file `lora` (times `lora_scale`) if one is given. Settings left at None
+        are chosen for the backend llama.cpp was built with."""
+        settings = settings.for_backend(gpu_offload())
+        with ExitStack() as stack:  # frees what was made so far if a later step fails
+            model = stack.enter_context(Model(model_path, n_gpu_layers=settings.n_gpu_layers))
             adapter = model.load_lora(lora, lora_scale) if lora is not None else None
             prompt_tokens = model.tokenize(prompt, add_bos=True)
             if len(prompt_tokens) >= settings.n_ctx:
-                raise ContextOverflowError(f"the task prompt takes {len(prompt_tokens)} tokens, more than the "
-                                           f"context of {settings.n_ctx}")
+                raise ContextOverflowError(f"the task prompt takes {len(prompt_tokens)} tokens, which leaves no room "
+                                           f"for text in a context of {settings.n_ctx}: raise --n-ctx")
             cells = len(prompt_tokens) + settings.width * (settings.n_ctx - len(prompt_tokens))
             threads = settings.n_threads or len(os.sched_getaffinity(0))
-            context = Context(model, ContextSettings(cells, settings.width + 1, settings.n_batch, threads), adapter)
-            try:
-                return cls(model, context, prompt_tokens, settings)
-            except BaseException:
-                context.close()
-                raise
-        except BaseException:
-            model.close()
-            raise
+            context = stack.enter_context(
+                Context(model, ContextSettings(cells, settings.width + 1, settings.n_batch, threads), adapter))
+            engine = cls(model, context, prompt_tokens, settings)
+            stack.pop_all()
+            return engine
 
     def tokenize(self, sentence: str) -> list[int]:
         """The token rule of `sentences`: each sentence on its own, as token_text(sentence), without BOS."""
@@ -250,39 +241,3 @@ class Engine:
     def _check_owner(self, doc: Document) -> None:
         if self._owners.get(doc.seq) is not doc:
             raise RuntimeError("this document's sequence was given to a newer Engine.document(); read from that one")
-
-    def close(self) -> None:
-        self.context.close()
-        self.model.close()
-
-    def __enter__(self) -> "Engine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class PlainReader:
-    """The same model read the plain way, as any prompt-based classifier would: a context with no eval callback,
-    the task prompt decoded once, each text in one full-depth decode. The benchmarks' baseline."""
-
-    def __init__(self, engine: Engine):
-        n_prompt = len(engine.prompt_tokens)
-        settings = ContextSettings(engine.settings.n_ctx, 1, engine.context.n_batch, engine.context.settings.n_threads,
-                                   tap=False)
-        self.n_layer, self.n_prompt = engine.n_layer, n_prompt
-        self.context = Context(engine.model, settings, engine.context.lora)  # the same adapter, like for like
-        self.context.decode([Span(PROMPT_SEQ, 0, engine.prompt_tokens)], self.n_layer, ())
-
-    def read(self, tokens: list[int]) -> None:
-        self.context.remove(PROMPT_SEQ, self.n_prompt)
-        self.context.decode([Span(PROMPT_SEQ, self.n_prompt, tokens)], self.n_layer, ())
-
-    def close(self) -> None:
-        self.context.close()
-
-    def __enter__(self) -> "PlainReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

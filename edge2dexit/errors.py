@@ -1,13 +1,20 @@
 """Every error a user can act on is an `Edge2DExitError`; the CLI prints its message and exits with its code.
 
 Exit codes (documented in the README):
-  0 success, 1 internal error (a bug: please report it), 2 usage error, 3 bad input text or data,
-  4 base model problem, 5 bundle problem, 6 text longer than the context, 130 interrupted (Ctrl-C).
+  0 success, 1 internal error (a bug: please report it), 2 usage error (a bad option or setting), 3 bad input text
+  or data, 4 base model problem, 5 bundle problem, 6 text longer than the context, 7 the output cannot be written,
+  130 interrupted (Ctrl-C), 141 the reader of the output went away (`| head`).
 """
 
 
 class Edge2DExitError(Exception):
     exit_code = 1
+
+
+class SettingsError(Edge2DExitError, ValueError):
+    """A setting that cannot work: out of range, or more than llama.cpp can allocate here."""
+
+    exit_code = 2
 
 
 class InputError(Edge2DExitError):
@@ -35,8 +42,15 @@ class ContextOverflowError(InputError):
 
     @classmethod
     def for_text(cls, needed: int, capacity: int) -> "ContextOverflowError":
-        return cls(f"the text needs {needed} tokens but the context leaves room for {capacity} after the task "
-                   "prompt: raise the context size (--n-ctx) or read only what fits (--truncate)")
+        """`needed`: the tokens counted so far, which reading stops counting at the first sentence past the room."""
+        return cls(f"the text needs at least {needed} tokens but the context leaves room for {capacity} after the "
+                   "task prompt: raise the context size (--n-ctx) or read only what fits (--truncate)")
+
+
+class OutputError(Edge2DExitError):
+    """Results cannot be written where they were asked for: no such directory, no permission, disk full."""
+
+    exit_code = 7
 
 
 class LlamaError(Edge2DExitError):

@@ -2,8 +2,8 @@
 
 Nothing outside this module touches ctypes or llama_cpp. The layer above (`engine`) sees plain Python and numpy:
 `Model.tokenize`, `Context.decode(spans, depth, ...) -> Decoded`, `Context.remove`, `Context.copy`. Each class owns
-one C handle and frees it through an ExitStack (`close()`, `with`, or garbage collection), as llama-cpp-python's
-`_internals` does. The llama.cpp backend starts lazily, once, when the first model loads.
+one C handle and frees it through an ExitStack (`lifetime.Owner`: `close()`, `with`, or garbage collection). The
+llama.cpp backend starts lazily, once, when the first model loads.
 
 How a depth-limited decode works (docs/llama-cpp.md §1): ggml's scheduler asks the eval callback, node by node,
 whether we want a tensor (ask=True); for the nodes we want it computes the graph up to there, synchronises and
@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import contextmanager
+from functools import cache
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 import llama_cpp
 from llama_cpp._ggml import libggml
 
-from .errors import LlamaError, ModelError
+from .errors import LlamaError, ModelError, SettingsError
 from .keys import Keys, layer_output
+from .lifetime import Owner
 
 
 # --- ggml structs and functions that llama_cpp does not bind -------------------------------------------
@@ -105,31 +108,38 @@ def _last_llama_error() -> str:
     return _recent_errors[-1] if _recent_errors else "no message from llama.cpp"
 
 
-class _Handle:
-    """Owns C resources through an ExitStack: `close()` (or `with`, or garbage collection) frees them once."""
+@cache
+def gpu_offload() -> bool:
+    """Whether this build of llama.cpp can offload layers to a GPU (CUDA, Metal, Vulkan...)."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
-    def __init__(self) -> None:
-        self._resources = ExitStack()
 
-    def close(self) -> None:
-        self._resources.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        resources = getattr(self, "_resources", None)
-        if resources is not None:
-            resources.close()
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ctrl-C held back while llama.cpp computes, and raised once it returned. Python runs a signal handler between
+    bytecodes of whatever Python code runs, and inside llama_decode that is the eval callback: a KeyboardInterrupt
+    raised there stops the graph half way, and what the decode was to read is missing. Only the main thread
+    receives signals, so elsewhere there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt here
+        elif previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 # --- model ---------------------------------------------------------------------------------------------
 
 
-class Model(_Handle):
+class Model(Owner):
     """A GGUF model loaded by llama.cpp."""
 
     def __init__(self, path: str | Path, n_gpu_layers: int = 0):
@@ -274,7 +284,7 @@ class Decoded(NamedTuple):
     depth: int  # layers computed: the depth asked for, or less where on_layer stopped the graph
 
 
-class Context(_Handle):
+class Context(Owner):
     """One llama.cpp context with `n_seq` sequences and an eval-callback tap, optionally computing through a LoRA
     adapter of its model (set here, before anything is decoded: the adapter changes what the KV cache holds)."""
 
@@ -302,7 +312,9 @@ class Context(_Handle):
         _recent_errors.clear()
         handle = llama_cpp.llama_init_from_model(model.handle, params)
         if not handle:
-            raise LlamaError(f"llama.cpp could not create a context of {settings.n_ctx} tokens: {_last_llama_error()}")
+            raise SettingsError(f"llama.cpp could not create a context of {settings.n_ctx} tokens for "
+                                f"{settings.n_seq - 1 or 1} document(s) at once ({_last_llama_error()}): lower the "
+                                "context size (--n-ctx) or the documents in flight (--width)")
         self._resources.callback(llama_cpp.llama_free, handle)
         self._ctx = handle
         if lora is not None:
@@ -347,8 +359,12 @@ class Context(_Handle):
             raise ValueError(f"an early stop needs the tokens in one graph of at most {self.n_batch}, got {n_tokens}")
         outputs = n_layer - 1 in read_layers
         self.tap.arm(read_layers, depth - 1, on_layer)
-        for chunk in _chunks(spans, self.n_batch):
+        chunks = _chunks(spans, self.n_batch)
+        for chunk in chunks:
             self._decode_chunk(chunk, outputs)
+        missing = [layer for layer in read_layers if layer < self.tap.reached and len(self.tap.rows[layer]) != len(chunks)]
+        if missing:  # a graph that ended early without our say: never answer with part of the states
+            raise LlamaError(f"llama.cpp ended the decode before layer {missing[0]} could be read")
         rows = {layer: np.concatenate(blocks) for layer, blocks in self.tap.rows.items() if blocks}
         return Decoded(rows, self.tap.reached)
 
@@ -365,7 +381,8 @@ class Context(_Handle):
         batch.n_tokens = i
         _recent_errors.clear()
         started = time.perf_counter()
-        status = llama_cpp.llama_decode(self._ctx, batch)
+        with _interrupts_held():
+            status = llama_cpp.llama_decode(self._ctx, batch)
         self.decode_seconds += time.perf_counter() - started
         if self.tap.error is not None:
             raise self.tap.error

@@ -6,9 +6,8 @@ operations), so costs are never estimated here. Layers are 0-based everywhere: a
 computes layers 0..layer, i.e. a depth of layer + 1.
 
 - `full`: the whole text in one decode at full depth; the last layer's sentence head on the last sentence.
-- `layer`: the whole text in one decode; the sentence head on the last sentence (the paper's layer-wise baseline)
-  or the prefix head on the mean of all sentences (`pooling="prefix"`), either at a fixed calibrated layer, or at
-  the first layer whose margin clears a threshold (the decode stops inside the graph there).
+- `layer`: the whole text in one decode to a fixed calibrated layer; the sentence head on the last sentence (the
+  paper's layer-wise baseline) or the prefix head on the mean of all sentences (`pooling="prefix"`).
 - `sentence-vote`: sentence by sentence at full depth, the paper's accumulation of votes on the last layer's head.
 - `paper2d`: Algorithm 1 of arXiv 2604.18592 exactly (Δ = max(1, ⌊L/m⌋), τ_ignore, τ_acc, accumulation in the
   paper's cell order, fallback to the last sentence at the last layer). Deepening earlier sentences means
@@ -19,11 +18,17 @@ computes layers 0..layer, i.e. a depth of layer + 1.
   schedule, 3.5× in its own operations, was 0.92× in real token-layers: docs/measurements.md). Evidence is
   accumulated in embedding space, not as summed votes: the running mean of the sentences' mean states at that layer
   is what the prefix head reads, and reading stops as soon as its margin clears τ after at least `min_sentences`.
-  If the text ends first, the prefix head answers on the whole text; optionally (`deepen_layer`, `deepen_below`) a
-  low-margin answer pays for one re-read at a deeper layer. It needs no sentence count up front, so it streams:
-  what arrives is read at once, and a decision comes out as soon as it is confident. On a one-sentence
-  text it costs one decode at its layer; calibration picks a layer no deeper than the best static exit layer + 1,
-  so it is never more expensive than `layer` there.
+  If the text ends first, the prefix head answers on the whole text. It needs no sentence count up front, so it
+  streams: what arrives is read at once, and a decision comes out as soon as it is confident. On a one-sentence text
+  it costs one decode at its layer.
+
+Each policy is one class that declares its name, the heads it reads and its calibration grid, and registers itself
+(`register`): the policy names, `make_policy`, calibration and the CLI's choices all come from the registry.
+
+Every decision also says how close it came to going another way (`Decision.boundary_gap`): the smallest distance
+between a quantity it compared and the threshold it compared it with, a tie between the top two classes included.
+A read whose numbers move less than that (batched differently, another backend: docs/llama-cpp.md §5) decides the
+same; only a decision with a small gap may come out otherwise.
 
 `sentence-vote` and `prefix-mean` weigh sentences one by one but read ahead, through the sentences already at hand,
 until one decode holds `Document.min_decode_tokens` tokens: on llama.cpp's CPU backend a decode of fewer than 64
@@ -35,7 +40,7 @@ sentence is at hand; a live stream never waits for text that has not arrived, bu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,7 +48,6 @@ from .document import Document, Reading, SentenceMeans, Tokens
 from .errors import BundleError
 from .heads import ExitHeads, Pooling, margin, whole_text_input
 
-POLICIES = ("full", "layer", "sentence-vote", "paper2d", "prefix-mean")
 
 
 @dataclass(frozen=True)
@@ -53,27 +57,37 @@ class Decision:
     exit_layer: int  # layer of the head that decided
     sentences_read: int
     fired: bool  # an exit rule fired (False: the text ran out and the fallback answered)
+    boundary_gap: float  # the closest a compared quantity came to its threshold (see the module docstring)
 
     @property
     def label_index(self) -> int:
         return int(np.argmax(self.probabilities))
 
 
+def _tie_gap(p: np.ndarray) -> float:
+    """How far the answer `p` is from a tie between its top two classes."""
+    return float(margin(p))
+
+
 class Accumulator:
     """The paper's rule: a cell whose margin exceeds τ_ignore adds that margin to its predicted class;
-    the first class whose total exceeds τ_acc wins. Ties in a cell go to the lower class index (argmax)."""
+    the first class whose total exceeds τ_acc wins. Ties in a cell go to the lower class index (argmax).
+    `gap` is the closest any cell's margin came to τ_ignore, or a counted total to τ_acc."""
 
     def __init__(self, n_classes: int, tau_ignore: float, tau_acc: float):
         self.totals = np.zeros(n_classes)
         self.tau_ignore, self.tau_acc = tau_ignore, tau_acc
         self.winner: int | None = None
+        self.gap = float("inf")
 
     def add(self, probabilities: np.ndarray) -> bool:
         """Count one cell; True once a class has won."""
         confidence = float(margin(probabilities))
+        self.gap = min(self.gap, abs(confidence - self.tau_ignore))
         if confidence > self.tau_ignore:
             label = int(np.argmax(probabilities))
             self.totals[label] += confidence
+            self.gap = min(self.gap, abs(self.totals[label] - self.tau_acc))
             if self.totals[label] > self.tau_acc:
                 self.winner = label
         return self.winner is not None
@@ -82,7 +96,12 @@ class Accumulator:
         """The winning class gets its share of the accumulated confidence."""
         total = self.totals.sum()
         scores = self.totals / total if total > 0 else np.eye(len(self.totals))[self.winner]
-        return Decision(scores, sentence, layer, read, fired=True)
+        return Decision(scores, sentence, layer, read, fired=True, boundary_gap=self.gap)
+
+    def fallback(self, probabilities: np.ndarray, sentence: int, layer: int, read: int) -> Decision:
+        """No class won before the text ended: `probabilities` (the last cell's) answer."""
+        gap = min(self.gap, _tie_gap(probabilities))
+        return Decision(probabilities, sentence, layer, read, fired=False, boundary_gap=gap)
 
 
 @dataclass(frozen=True)
@@ -99,10 +118,66 @@ def paper2d_steps(n_sentences: int, n_layer: int) -> list[Step]:
     return [Step(s, min((s + 1) * delta, n_layer), delta * s) for s in range(n_sentences)]
 
 
+# --- the registry --------------------------------------------------------------------------------------------
+
+Grid = list[dict[str, Any]]
+_REGISTRY: dict[str, type["Policy"]] = {}
+
+
+def register(policy: type["Policy"]) -> type["Policy"]:
+    """Make a policy class known by its `name`: to `make_policy`, calibration and the CLI."""
+    _REGISTRY[policy.name] = policy
+    return policy
+
+
+def policy_names() -> tuple[str, ...]:
+    """Every registered policy, in the order registered."""
+    return tuple(_REGISTRY)
+
+
+def policy_class(name: str) -> type["Policy"]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BundleError(f"unknown policy {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+
+
+def make_policy(name: str, heads: Mapping[str, ExitHeads], n_layer: int, params: Mapping[str, Any]) -> "Policy":
+    """The policy `name` with its calibrated parameters (from the bundle, or given by the user)."""
+    policy = policy_class(name)
+    missing = [pooling for pooling in policy.reads(params) if pooling not in heads]
+    if missing:
+        raise BundleError(f"the {name} policy needs {missing[0]} exit heads, which this bundle does not have")
+    try:
+        return policy(heads, n_layer, **params)
+    except TypeError as exc:
+        raise BundleError(f"bad parameters for the {name} policy {dict(params)}: {exc}") from None
+
+
+def calibration_grid(name: str, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
+    """The parameter settings calibration replays for policy `name`, given the layers each pooling has heads at."""
+    return policy_class(name).grid(n_layer, layers)
+
+
+# --- the policies ---------------------------------------------------------------------------------------------
+
+
 class Policy:
-    """Reads a tokenized document through `doc` and decides. Subclasses set `name`."""
+    """Reads a tokenized document through `doc` and decides. A subclass sets `name` and `pooling` (the heads it
+    reads), takes (heads by pooling, n_layer, **parameters) and says which parameter settings calibration tries."""
 
     name: ClassVar[str]
+    pooling: ClassVar[str] = Pooling.SENTENCE
+
+    @classmethod
+    def reads(cls, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The poolings whose heads the policy reads with these parameters."""
+        return (cls.pooling,)
+
+    @classmethod
+    def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
+        """Parameter settings to replay in calibration; `layers`: the layers each pooling has heads at."""
+        raise NotImplementedError
 
     def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
         """Read `sentences` (pulled only as far as needed) and decide."""
@@ -175,7 +250,7 @@ class _SentenceStream(PolicyStream):
             decision = yield from self._read()
             if decision is not None:
                 return decision
-        return (yield from self.fallback())
+        return self.fallback()
 
     def _read(self) -> Reading[Decision | None]:
         layer = self.policy.layer
@@ -190,69 +265,70 @@ class _SentenceStream(PolicyStream):
         """Take one more sentence's states into account; a decision if the policy's exit rule fires."""
         raise NotImplementedError
 
-    def fallback(self) -> Reading[Decision]:
+    def fallback(self) -> Decision:
         """The decision when the text ended before the exit rule fired."""
         raise NotImplementedError
 
 
+@register
 class Full(Policy):
     name = "full"
 
-    def __init__(self, heads: ExitHeads, n_layer: int):
-        self.heads, self.layer = heads, n_layer - 1
-        heads.head(self.layer)  # fail at construction if the bundle has no head there
+    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int):
+        self.heads, self.layer = heads[self.pooling], n_layer - 1
+        self.heads.head(self.layer)  # fail at construction if the bundle has no head there
+
+    @classmethod
+    def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
+        return [{}]
 
     def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
         sentences = list(sentences)
         states = yield from doc.append(sentences, self.layer + 1, layers=[self.layer])
         p = self.heads.proba(self.layer, states[-1].at(self.layer))
-        return Decision(p, len(sentences) - 1, self.layer, len(sentences), fired=False)
+        return Decision(p, len(sentences) - 1, self.layer, len(sentences), fired=False, boundary_gap=_tie_gap(p))
 
 
+@register
 class Layer(Policy):
     name = "layer"
 
-    def __init__(
-        self,
-        heads: Mapping[str, ExitHeads],
-        n_layer: int,
-        layer: int | None = None,
-        threshold: float | None = None,
-        pooling: str = Pooling.SENTENCE,
-    ):
-        if (layer is None) == (threshold is None):
-            raise BundleError("the layer policy takes either a fixed `layer` or a margin `threshold`, not both")
-        if pooling not in heads:
-            raise BundleError(f"the layer policy needs {pooling} exit heads, which this bundle does not have")
-        self.heads, self.n_layer, self.layer, self.threshold = heads[pooling], n_layer, layer, threshold
-        self.pooling = pooling
-        if layer is not None:
-            self.heads.head(layer)
+    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int, layer: int, pooling: str = Pooling.SENTENCE):
+        self.heads, self.layer, self.pooling = heads[pooling], layer, pooling
+        self.heads.head(layer)
+
+    @classmethod
+    def reads(cls, params: Mapping[str, Any]) -> tuple[str, ...]:
+        return (params.get("pooling", Pooling.SENTENCE),)
+
+    @classmethod
+    def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
+        return [{"layer": layer, "pooling": pooling} for pooling in Pooling.ALL for layer in layers.get(pooling, ())]
 
     def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
         sentences = list(sentences)
-        last = len(sentences) - 1
-        if self.layer is not None:
-            states = yield from doc.append(sentences, self.layer + 1, layers=[self.layer])
-            text = whole_text_input(self.pooling, np.stack([s.at(self.layer) for s in states]))
-            return Decision(self.heads.proba(self.layer, text), last, self.layer, len(sentences), fired=True)
-        seen: list[tuple[int, np.ndarray]] = []
-
-        def confident(layer: int, means: np.ndarray) -> bool:
-            seen.append((layer, self.heads.proba(layer, whole_text_input(self.pooling, means))))
-            return float(margin(seen[-1][1])) >= self.threshold
-
-        yield from doc.append(sentences, self.n_layer, layers=self.heads.layers, stop=confident)
-        layer, p = seen[-1]
-        return Decision(p, last, layer, len(sentences), fired=float(margin(p)) >= self.threshold)
+        states = yield from doc.append(sentences, self.layer + 1, layers=[self.layer])
+        text = whole_text_input(self.pooling, np.stack([s.at(self.layer) for s in states]))
+        p = self.heads.proba(self.layer, text)
+        return Decision(p, len(sentences) - 1, self.layer, len(sentences), fired=True, boundary_gap=_tie_gap(p))
 
 
+# The paper's accumulation rule, as sentence-vote and paper2d calibrate it.
+VOTE_GRID: Grid = [{"tau_ignore": ti, "tau_acc": ta}
+                   for ti in (0.0, 0.2, 0.4, 0.6, 0.8) for ta in (0.5, 1.0, 2.0, 3.0, 5.0)]
+
+
+@register
 class SentenceVote(_IncrementalPolicy):
     name = "sentence-vote"
 
-    def __init__(self, heads: ExitHeads, n_layer: int, tau_ignore: float, tau_acc: float):
-        self.heads, self.layer, self.tau_ignore, self.tau_acc = heads, n_layer - 1, tau_ignore, tau_acc
-        heads.head(self.layer)
+    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int, tau_ignore: float, tau_acc: float):
+        self.heads, self.layer, self.tau_ignore, self.tau_acc = heads[self.pooling], n_layer - 1, tau_ignore, tau_acc
+        self.heads.head(self.layer)
+
+    @classmethod
+    def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
+        return VOTE_GRID
 
     def stream(self, doc: Document) -> _SentenceStream:
         return _SentenceVoteStream(self, doc)
@@ -271,18 +347,23 @@ class _SentenceVoteStream(_SentenceStream):
             return self.votes.decision(sentence.index, layer, self.doc.n_sentences)
         return None
 
-    def fallback(self) -> Reading[Decision]:
-        yield from ()
+    def fallback(self) -> Decision:
         n = self.doc.n_sentences
-        return Decision(self.last, n - 1, self.policy.layer, n, fired=False)
+        return self.votes.fallback(self.last, n - 1, self.policy.layer, n)
 
 
+@register
 class Paper2D(Policy):
     name = "paper2d"
 
-    def __init__(self, heads: ExitHeads, n_layer: int, tau_ignore: float, tau_acc: float):
-        self.heads, self.n_layer, self.tau_ignore, self.tau_acc = heads, n_layer, tau_ignore, tau_acc
-        heads.head(n_layer - 1)
+    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int, tau_ignore: float, tau_acc: float):
+        self.heads, self.n_layer = heads[self.pooling], n_layer
+        self.tau_ignore, self.tau_acc = tau_ignore, tau_acc
+        self.heads.head(n_layer - 1)
+
+    @classmethod
+    def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
+        return VOTE_GRID
 
     def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
         sentences = list(sentences)
@@ -307,30 +388,30 @@ class Paper2D(Policy):
         top = self.n_layer - 1
         if last.depth < self.n_layer:  # the fallback needs the last sentence at the last layer
             last = (yield from doc.deepen(self.n_layer, layers=[top]))[-1]
-        p = self.heads.proba(top, last.at(top))
-        return Decision(p, len(sentences) - 1, top, len(sentences), fired=False)
+        return votes.fallback(self.heads.proba(top, last.at(top)), len(sentences) - 1, top, len(sentences))
 
 
+PREFIX_MEAN_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+PREFIX_MEAN_MIN_SENTENCES = (1, 2, 3, 5)
+
+
+@register
 class PrefixMean(_IncrementalPolicy):
     name = "prefix-mean"
+    pooling = Pooling.PREFIX
 
-    def __init__(
-        self,
-        heads: ExitHeads,
-        n_layer: int,
-        layer: int,
-        threshold: float,
-        min_sentences: int = 1,
-        deepen_layer: int | None = None,
-        deepen_below: float = 0.0,
-    ):
+    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int, layer: int, threshold: float,
+                 min_sentences: int = 1):
         if not 0 <= layer < n_layer:
             raise BundleError(f"the prefix-mean policy's layer {layer} is outside 0..{n_layer - 1}")
-        self.heads, self.layer, self.threshold, self.min_sentences = heads, layer, threshold, min_sentences
-        self.deepen_layer, self.deepen_below = deepen_layer, deepen_below
-        heads.head(layer)
-        if deepen_layer is not None:
-            heads.head(deepen_layer)
+        self.heads, self.layer, self.threshold, self.min_sentences = heads[self.pooling], layer, threshold, min_sentences
+        self.heads.head(layer)
+
+    @classmethod
+    def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
+        return [{"layer": layer, "threshold": t, "min_sentences": k}
+                for layer in layers.get(cls.pooling, ()) for t in PREFIX_MEAN_THRESHOLDS
+                for k in PREFIX_MEAN_MIN_SENTENCES]
 
     def stream(self, doc: Document) -> _SentenceStream:
         return _PrefixMeanStream(self, doc)
@@ -341,42 +422,23 @@ class _PrefixMeanStream(_SentenceStream):
         super().__init__(policy, doc)
         self.total = np.zeros(policy.heads.n_embd, dtype=np.float64)
         self.p: np.ndarray | None = None
+        self.gap = float("inf")
 
     def weigh(self, sentence: SentenceMeans) -> Decision | None:
         policy = self.policy
         self.total += sentence.at(policy.layer)  # one sentence at a time, as `heads.running_means` sums them
         n = sentence.index + 1
         self.p = policy.heads.proba(policy.layer, (self.total / n).astype(np.float32))
-        if n >= policy.min_sentences and float(margin(self.p)) >= policy.threshold:
-            return Decision(self.p, sentence.index, policy.layer, self.doc.n_sentences, fired=True)
+        if n < policy.min_sentences:
+            return None
+        confidence = float(margin(self.p))
+        self.gap = min(self.gap, abs(confidence - policy.threshold))
+        if confidence >= policy.threshold:
+            return Decision(self.p, sentence.index, policy.layer, self.doc.n_sentences, fired=True,
+                            boundary_gap=min(self.gap, confidence))
         return None
 
-    def fallback(self) -> Reading[Decision]:
-        n, policy = self.doc.n_sentences, self.policy
-        if policy.deepen_layer is not None and float(margin(self.p)) < policy.deepen_below:
-            layer = policy.deepen_layer
-            states = yield from self.doc.deepen(layer + 1, layers=[layer])
-            if len(states) == n:  # every sentence was re-read at the deeper layer
-                text = whole_text_input(Pooling.PREFIX, np.stack([s.at(layer) for s in states]))
-                return Decision(policy.heads.proba(layer, text), n - 1, layer, n, fired=False)
-        return Decision(self.p, n - 1, policy.layer, n, fired=False)
-
-
-def make_policy(name: str, heads: Mapping[str, ExitHeads], n_layer: int, params: Mapping[str, Any]) -> Policy:
-    """The policy `name` with its calibrated parameters (from the bundle, or given by the user)."""
-    try:
-        if name == "full":
-            return Full(heads[Pooling.SENTENCE], n_layer)
-        if name == "layer":
-            return Layer(heads, n_layer, **params)
-        if name == "sentence-vote":
-            return SentenceVote(heads[Pooling.SENTENCE], n_layer, **params)
-        if name == "paper2d":
-            return Paper2D(heads[Pooling.SENTENCE], n_layer, **params)
-        if name == "prefix-mean":
-            return PrefixMean(heads[Pooling.PREFIX], n_layer, **params)
-    except KeyError as exc:
-        raise BundleError(f"the {name} policy needs {exc.args[0]} exit heads, which this bundle does not have") from None
-    except TypeError as exc:
-        raise BundleError(f"bad parameters for the {name} policy {dict(params)}: {exc}") from None
-    raise BundleError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    def fallback(self) -> Decision:
+        n = self.doc.n_sentences
+        return Decision(self.p, n - 1, self.policy.layer, n, fired=False,
+                        boundary_gap=min(self.gap, _tie_gap(self.p)))

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from .bundle import load_bundle
 from .classifier import DEFAULT_BUNDLE, Classifier, Result, base_model_path
-from .engine import EngineSettings
+from .settings import EngineSettings
 from .errors import Edge2DExitError, InputError
 from .texts import decode_text
 
@@ -53,6 +53,7 @@ RESULT_TYPES = {
     "token_layers": pa.int64(),
     "tokens": pa.int64(),
     "seconds": pa.float64(),
+    "boundary_gap": pa.float64(),
     "truncated": pa.bool_(),
 }
 
@@ -159,7 +160,7 @@ def classify_dataset(
     loaded = load_bundle(bundle or DEFAULT_BUNDLE)
     if policy is not None:
         loaded.policy_params(policy)
-    model_path = base_model_path(loaded, model).resolve()
+    model_path = base_model_path(loaded, model, pull_missing=True).resolve()
     return dataset.map_batches(
         ClassifyBatch,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
@@ -195,7 +196,7 @@ def _actor_cpus() -> int | None:
 def _as_text(value: Any) -> str:
     """A cell as checked text: str or UTF-8 bytes; anything else (null, NaN, a number) is a row without text."""
     if isinstance(value, bytes):
-        return decode_text(value, "the text")
+        return decode_text(value)
     if not isinstance(value, str):
         raise InputError(f"the row has no text ({value!r})")
     return value

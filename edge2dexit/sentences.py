@@ -1,9 +1,13 @@
 """Text → sentences, lazily, and the rule by which a sentence becomes the text that is tokenized.
 
 Splitting is lazy: `Splitter.sentences(text)` yields sentences as far as the reader pulls them, so a document
-that exits after two sentences never pays for splitting the rest (pysbd costs ~2 ms per 1,000 characters here,
-docs/llama-cpp.md §7). The result depends only on the text, never on how far it is read, so training and inference
-see the same sentences.
+that exits after two sentences never pays for splitting the rest (pysbd costs ~15 ms per IMDB review of 1,200
+characters here, docs/llama-cpp.md §7). The result depends only on the text, never on how far it is read, so
+training and inference see the same sentences.
+
+Text that arrives in pieces (a stream) goes through `Splitter.pieces()`: a sentence is handed out only once the
+splitter knows it has ended — the next sentence has begun and holds a whole word, or the text is closed — so that
+however the text is cut into pieces, the sentences are those of the whole text.
 
 pysbd runs over windows of `WINDOW` characters, because its cost grows with the square of what it reads at once
 (abbreviations, many short sentences: 4,000 characters of "Mr. " take 10× as long as 1,000). Every sentence of a
@@ -88,14 +92,24 @@ class Splitter:
         """The sentences of `text`, stripped, empty ones dropped, as far as they are pulled. HTML line breaks
         count as white space; CR and CRLF as line ends."""
         text = normalise(text)
-        pieces = self._pysbd_pieces(text) if self.kind == "pysbd" else _regex_pieces(text)
-        return (s for s in (p.strip() for p in pieces) if s)
+        return (sentence for _, sentence in self._sentences(text))
 
     def split(self, text: str) -> list[str]:
         """Every sentence of `text`."""
         return list(self.sentences(text))
 
-    def _pysbd_pieces(self, text: str) -> Iterator[str]:
+    def pieces(self) -> "Pieces":
+        """A splitter for text that arrives in pieces (see `Pieces`)."""
+        return Pieces(self)
+
+    def _sentences(self, text: str) -> Iterator[tuple[int, str]]:
+        """(start, sentence) for each sentence of normalised `text`: where its piece starts, and the piece stripped."""
+        cuts = self._pysbd_pieces(text) if self.kind == "pysbd" else _regex_pieces(text)
+        for start, end in cuts:
+            if sentence := text[start:end].strip():
+                yield start, sentence
+
+    def _pysbd_pieces(self, text: str) -> Iterator[tuple[int, int]]:
         import pysbd
 
         # A segmenter of its own: pysbd keeps the text it reads on the segmenter, so sharing one is not thread-safe.
@@ -114,7 +128,7 @@ class Splitter:
                     continue
                 cuts = [_after_last_space(text, start, end)]
             for cut in cuts:
-                yield text[start:cut]
+                yield start, cut
                 start = cut
             window = WINDOW
 
@@ -127,9 +141,44 @@ def _after_last_space(text: str, start: int, end: int) -> int:
     return end
 
 
-def _regex_pieces(text: str) -> Iterator[str]:
+def _regex_pieces(text: str) -> Iterator[tuple[int, int]]:
     start = 0
     for boundary in _REGEX_BOUNDARY.finditer(text):
-        yield text[start : boundary.start()]
+        yield start, boundary.start()
         start = boundary.end()
-    yield text[start:]
+    yield start, len(text)
+
+
+# The end of a raw piece that the next piece may change the normalised meaning of: a CR (CRLF is one line end) or
+# the start of an HTML line break.
+_OPEN_END = re.compile(r"(?:\r|<(?:b(?:r\s*/?)?)?)?\Z", re.IGNORECASE)
+_WHOLE_WORD = re.compile(r"\S\s")
+
+
+class Pieces:
+    """The sentences of a text fed piece by piece. `feed` returns the sentences known to be complete: every one
+    but the last sentence begun, and that one's predecessor only once the last holds a whole word (the splitters
+    decide where a sentence ends by what starts the next: "U.S. A" may end a sentence where "U.S. Army" does not).
+    `close` returns the rest. Fed in any pieces, a text gives the sentences `Splitter.sentences` gives it whole."""
+
+    def __init__(self, splitter: Splitter):
+        self.splitter = splitter
+        self._open = ""  # normalised text from the first sentence not yet handed out
+        self._raw = ""  # a raw tail held back until what follows it is known (see _OPEN_END)
+
+    def feed(self, piece: str) -> list[str]:
+        raw = self._raw + piece
+        cut = _OPEN_END.search(raw).start()
+        self._raw = raw[cut:]
+        self._open += normalise(raw[:cut])
+        found = list(self.splitter._sentences(self._open))
+        done = len(found) - 1 if found and _WHOLE_WORD.search(found[-1][1] + self._open[-1:]) else len(found) - 2
+        if done <= 0:
+            return []
+        self._open = self._open[found[done][0]:]
+        return [sentence for _, sentence in found[:done]]
+
+    def close(self) -> list[str]:
+        """Every sentence not handed out yet; the text has ended."""
+        text, self._open, self._raw = self._open + normalise(self._raw), "", ""
+        return [sentence for _, sentence in self.splitter._sentences(text)]

@@ -14,28 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from gguf import GGUFReader
 
-from edge2dexit.bundle import write_lora
 from edge2dexit.cache import HOME_ENV, cache_dir
 from edge2dexit.engine import Engine, EngineSettings
 from edge2dexit.errors import ModelError
 from edge2dexit.models.registry import DEFAULT_MODEL, resolve_model
 
-TASK_PROMPT = "Classify the sentiment of this movie review.\nReview:"
-# How far a class probability may move when the same text is batched differently (docs/llama-cpp.md §5: states
-# differ in the last digits, up to ~5% per row). Through the default bundle's layer-14 prefix head, steepest where
-# a probability is between 0.3 and 0.7, up to 0.035 was seen on the Ray corpus (0.02 with the earlier bundle's
-# layer-19 head); the exit point or, near the stop threshold, the label must still agree.
-BATCHING_SCORE_TOLERANCE = 0.05
-REVIEW = (
-    "I went to see this movie last night with a couple of friends. The acting was wonderful, and the story kept "
-    "me hooked from the first scene to the last. However, the ending felt rushed, as if the writers ran out of "
-    "ideas. Still, I would recommend it to anyone who enjoys a good thriller. The music was great too. "
-    "Overall, a solid film that I will happily watch again."
-)
+from helpers import TASK_PROMPT, random_lora, tiny_convert
 
 # The real cache: $EDGE2DEXIT_HOME as set when pytest started, else the package's default.
 REAL_HOME: Path = cache_dir()
@@ -112,6 +98,18 @@ def isolated_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def real_home() -> Path:
+    """The user's cache, which no test may write to."""
+    return REAL_HOME
+
+
+@pytest.fixture(scope="session")
+def model_file():
+    """The real file of a registry model, by name (one of MODEL_NAMES)."""
+    return model_path
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> str:
     return model_path(DEFAULT_MODEL)
 
@@ -119,21 +117,6 @@ def smollm2_path() -> str:
 @pytest.fixture(scope="session")
 def gemma_path() -> str:
     return model_path("gemma3-270m")
-
-
-def random_lora(model_file: str | Path, path: Path, rank: int = 4, std: float = 0.05, seed: int = 0,
-                targets: tuple[str, ...] = ("attn_q", "attn_v"), zero: bool = False) -> Path:
-    """A LoRA adapter file on `targets` of every layer of `model_file`, with random A and random (or zero) B."""
-    rng = np.random.default_rng(seed)
-    reader = GGUFReader(model_file)
-    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ggml order: (in, out)
-    pairs = {}
-    for name, shape in shapes.items():
-        if name.split(".")[-2] in targets:
-            n_in, n_out = shape
-            b = np.zeros((n_out, rank)) if zero else rng.normal(0, std, (n_out, rank))
-            pairs[name] = (rng.normal(0, std, (rank, n_in)), b)
-    return write_lora(path, reader.get_field("general.architecture").contents(), pairs, alpha=2.0 * rank)
 
 
 @pytest.fixture(scope="session")
@@ -156,3 +139,10 @@ def any_engine(request):
 def smollm2_engine(smollm2_path):
     with Engine.load(smollm2_path, EngineSettings(n_ctx=1024), prompt=TASK_PROMPT) as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, smollm2_path):
+    """A bundle converted from two dozen synthetic reviews (`helpers.tiny_convert`), shared by the session: tests
+    read it and never change it (copy it first)."""
+    return tiny_convert(tmp_path_factory.mktemp("convert"), smollm2_path)

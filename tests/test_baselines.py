@@ -1,6 +1,5 @@
 """The baselines `eval` prints beside the policies — TF-IDF + logistic regression trained on the bundle's training
-split, and truncation at the best layer — and the 95% interval on every accuracy, on the tiny bundle of
-test_convert_classify."""
+split, and truncation at the best layer — and the 95% interval on every accuracy, on the session's tiny bundle."""
 
 from __future__ import annotations
 
@@ -8,19 +7,18 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import test_convert_classify
 from edge2dexit import Classifier
 from edge2dexit.baselines import LOGREG_SETTINGS, TFIDF_SETTINGS, TRUNCATIONS, fitted
 from edge2dexit.bundle import load_bundle
 from edge2dexit.cli import app
-from edge2dexit.convert.data import DataSettings, make_splits
+from edge2dexit.convert.data import bundle_splits
 from edge2dexit.document import sentence_by_sentence
 from edge2dexit.engine import EngineSettings
-from edge2dexit.evaluate import evaluate
-from edge2dexit.stats import Z95, wilson_interval
+from edge2dexit.measure.evaluate import evaluate
 from edge2dexit.heads import whole_text_input
 
-tiny_bundle = test_convert_classify.tiny_bundle  # the same fixture: a bundle converted from a few dozen reviews
+from helpers import GOOD, NEUTRAL
+from edge2dexit.stats import Z95, wilson_interval
 
 
 def test_wilson_interval_known_values():
@@ -52,7 +50,7 @@ def sklearn_accuracy(train, test) -> tuple[float, list[int]]:
 @pytest.fixture(scope="module")
 def splits(tiny_bundle):
     """The bundle's own splits, rebuilt from the data settings it records, as `eval` rebuilds them."""
-    return make_splits(DataSettings(**load_bundle(tiny_bundle.bundle).calibration["data"]))
+    return bundle_splits(load_bundle(tiny_bundle.bundle), str(tiny_bundle.bundle.parent / "reviews.csv"))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +108,7 @@ def test_convert_reports_tfidf_on_the_same_documents_in_its_summary_and_card(tin
 
 @pytest.mark.llama
 def test_truncation_answers_as_a_read_of_only_the_first_sentences(classifier):
-    text = " ".join(test_convert_classify.NEUTRAL + test_convert_classify.GOOD[:2])  # 5 sentences
+    text = " ".join(NEUTRAL + GOOD[:2])  # 5 sentences
     ev = evaluate(classifier, [text], [1], ("layer",))
     assert "tfidf-logreg" not in ev.baselines  # no training split given
     best = classifier.bundle.calibration["best_layer"]

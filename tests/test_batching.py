@@ -1,6 +1,7 @@
 """Continuous batching on the real SmolLM2 (default bundle): several documents in flight in shared llama.cpp
-decodes decide exactly as one at a time, read the same states up to llama.cpp's batching noise
-(docs/llama-cpp.md §5), and one bad document never stops the others."""
+decodes read the states of one at a time up to llama.cpp's batching noise (docs/llama-cpp.md §5) and so decide as
+one at a time, except where a decision lies within that noise of a boundary (`helpers.assert_same_decision`); at
+width 1 everything is bit-identical; one bad document never stops the others."""
 
 from __future__ import annotations
 
@@ -13,19 +14,10 @@ from edge2dexit.errors import ContextOverflowError, InputError
 from edge2dexit.document import sentence_by_sentence
 from edge2dexit.sentences import Splitter
 
-from conftest import BATCHING_SCORE_TOLERANCE, TASK_PROMPT
+from helpers import REVIEWS, TASK_PROMPT, assert_same_decision
 
 pytestmark = pytest.mark.llama
 
-REVIEWS = [
-    "A wonderful film. The acting was superb and the story moving. I loved every minute of it.",
-    "What a waste of time. The plot made no sense at all. The acting was wooden. The ending dragged on and on. "
-    "I wanted my money back. Avoid it.",
-    "Great fun from start to end. The music was lovely.",
-    "Boring. I fell asleep halfway through.",
-    "The cinema was half full. The film runs two hours. It was shown on a Tuesday. The cast is large. "
-    "The sets were colourful. I smiled a lot, and I would gladly see it again with my family.",
-]
 WIDTHS = (1, 2, 8)
 N_CTX = 512
 
@@ -65,11 +57,9 @@ def test_classify_many_decides_as_one_at_a_time(classifiers, one_at_a_time, widt
     for i, single in enumerate(one_at_a_time[policy]):
         batched = outcomes[i]
         assert isinstance(batched, Result) and batched.policy == policy
-        assert exit_point(batched) == exit_point(single), (i, width)
-        assert batched.tokens == single.tokens
-        for label, score in single.scores.items():
-            assert batched.scores[label] == pytest.approx(score, abs=BATCHING_SCORE_TOLERANCE)
-        if width == 1:  # the same decode calls: bit-identical states and the same cost
+        assert_same_decision(batched, single, (i, width))
+        if width == 1:  # the same decode calls: bit-identical states, the same decision and the same cost
+            assert exit_point(batched) == exit_point(single)
             assert batched.scores == single.scores and batched.token_layers == single.token_layers
             assert batched.operations == single.operations
 
@@ -84,7 +74,7 @@ def test_keys_are_kept_and_a_bad_text_becomes_an_error_record(classifiers):
     assert isinstance(outcomes["binary"], InputError) and "binary" in str(outcomes["binary"])
     assert isinstance(outcomes["long"], ContextOverflowError) and outcomes["long"].exit_code == 6
     for key, text in (("a", REVIEWS[0]), ("b", REVIEWS[1]), ("c", REVIEWS[2])):
-        assert exit_point(outcomes[key]) == exit_point(clf.classify(text))
+        assert_same_decision(outcomes[key], clf.classify(text), key)
 
 
 def test_a_bad_policy_name_fails_once_before_reading(classifiers):

@@ -12,6 +12,8 @@ from edge2dexit.keys import Keys
 from edge2dexit.models.gguf_file import check_gguf
 from edge2dexit.sentences import Splitter
 
+from helpers import rewrite
+
 SHA = "a5fd3b62" + "0" * 56
 D = 16
 
@@ -142,31 +144,6 @@ def test_writer_refuses_what_the_loader_would(tmp_path, bundle):
 
 # --- refusals -------------------------------------------------------------------------------------------------------
 
-def rewrite(src, dst, set_keys=(), drop=(), tensors=None):
-    """Copy an exits file with GGUFWriter, replacing keys ({key: (value, type, item type)}), dropping keys or
-    tensors (names in `drop`), or replacing all tensors ({name: array})."""
-    reader = GGUFReader(src)
-    writer = GGUFWriter(dst, arch=reader.fields[Keys.General.ARCHITECTURE.name].contents())
-    set_keys = {getattr(k, "name", k): v for k, v in dict(set_keys).items()}
-    drop = [getattr(k, "name", k) for k in drop]
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name == Keys.General.ARCHITECTURE.name or name in drop:
-            continue
-        value, vtype, sub = set_keys.pop(name, (f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None))
-        writer.add_key_value(name, value, vtype, sub)
-    for name, (value, vtype, sub) in set_keys.items():
-        writer.add_key_value(name, value, vtype, sub)
-    if tensors is None:
-        tensors = {t.name: np.array(t.data) for t in reader.tensors if t.name not in drop}
-    for name, array in tensors.items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
-
-
 def refused(path, *words):
     with pytest.raises(BundleError) as err:
         load_bundle(path)
@@ -257,12 +234,12 @@ def test_lora_reference_round_trips_as_format_3_and_is_checked(tmp_path):
 
 def test_default_bundle_is_format_2_with_the_renamed_policies():
     from edge2dexit.classifier import DEFAULT_BUNDLE
-    from edge2dexit.policies import POLICIES
+    from edge2dexit.policies import policy_names
 
     reader = GGUFReader(DEFAULT_BUNDLE / "exits.gguf")
     assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.OLDEST_FORMAT_VERSION
     bundle = load_bundle(DEFAULT_BUNDLE)
-    assert set(bundle.policies) == set(POLICIES) and bundle.default_policy == "prefix-mean"
+    assert set(bundle.policies) == set(policy_names()) and bundle.default_policy == "prefix-mean"
     assert set(bundle.policies["prefix-mean"]) >= {"layer", "threshold", "min_sentences"}
 
 

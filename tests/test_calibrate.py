@@ -10,11 +10,12 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from edge2dexit.convert.calibrate import calibrate, grid, layer_accuracies, pareto, replay, Point
-from edge2dexit.convert.features import open_store
+from edge2dexit.convert.calibrate import calibrate, layer_accuracies, pareto, replay, Point
 from edge2dexit.heads import ExitHead, ExitHeads, Pooling
-from edge2dexit.policies import POLICIES
+from edge2dexit.policies import calibration_grid, policy_names
 from edge2dexit.stats import paired_lower_bound
+
+from helpers import write_store
 
 N_LAYER, C = 4, 2
 LABELS = ("neg", "pos")
@@ -27,18 +28,6 @@ def identity_heads(pooling: str) -> ExitHeads:
 
 
 HEADS = {Pooling.SENTENCE: identity_heads(Pooling.SENTENCE), Pooling.PREFIX: identity_heads(Pooling.PREFIX)}
-
-
-def write_store(directory, documents, labels, tokens):
-    directory.mkdir(parents=True, exist_ok=True)
-    states = np.concatenate(documents).astype(np.float16)
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in documents])])
-    meta = {"offsets": offsets.tolist(), "labels": list(labels), "n_layer": N_LAYER, "n_embd": C,
-            "done": len(documents)}
-    (directory / "meta.json").write_text(json.dumps(meta))
-    states.tofile(directory / "states.f16")
-    np.save(directory / "tokens.npy", np.array(tokens, dtype=np.int32))
-    return open_store(directory)
 
 
 @pytest.fixture
@@ -68,12 +57,13 @@ def test_layer_accuracies_and_calibration(store):
     accuracies = layer_accuracies(store, HEADS)
     for pooling in Pooling.ALL:
         np.testing.assert_array_equal(accuracies[pooling], [0.5, 1, 1, 1])
-    result = calibrate(store, HEADS, POLICIES, tolerance=0.0)
+    result = calibrate(store, HEADS, policy_names(), tolerance=0.0)
     assert result.best_layer_accuracy == 1.0 and result.best_layer["layer"] == 1 and result.target == 1.0
-    assert set(result.chosen) == set(POLICIES) == set(result.frontier)
+    assert set(result.chosen) == set(policy_names()) == set(result.frontier)
     for name, point in result.chosen.items():
         assert point.accuracy == 1.0, name
-        assert point.cost <= 1.0 and point.params in grid(name, N_LAYER, {k: range(N_LAYER) for k in Pooling.ALL})
+        layers = {k: range(N_LAYER) for k in Pooling.ALL}
+        assert point.cost <= 1.0 and point.params in calibration_grid(name, N_LAYER, layers)
     assert result.chosen["layer"].params["layer"] == 1 and result.chosen["layer"].cost == pytest.approx(2 / N_LAYER)
     assert json.loads(json.dumps(result.to_json()))["target"] == 1.0
 

@@ -235,12 +235,14 @@ def test_ordered_batches_report_in_input_order(folder, tmp_path):
 def test_standard_input_whole_and_by_line():
     whole = invoke("classify", "-", "--json", *N_CTX, input=GOOD)
     assert whole.exit_code == 0 and records(whole.stdout)[0]["input"] == "-"
-    lines = invoke("classify", "-", "--lines", "--json", "--ordered", *N_CTX, input=f"{GOOD}\n\n{BAD}\n")
+    # blank lines are no texts, as in a JSONL table; a line that is not UTF-8 is an error record
+    lines = invoke("classify", "-", "--lines", "--json", "--ordered", *N_CTX,
+                   input=f"{GOOD}\n\n  \n{BAD}\n".encode() + b"caf\xe9\n")
     assert lines.exit_code == 3
     rows = records(lines.stdout)
-    assert [r["input"] for r in rows] == ["stdin:1", "stdin:2", "stdin:3"]
-    assert [is_error_record(r) for r in rows] == [False, True, False]
-    assert rows[0]["label"] == "positive" and rows[2]["label"] == "negative"
+    assert [r["input"] for r in rows] == ["stdin:1", "stdin:4", "stdin:5"]
+    assert [is_error_record(r) for r in rows] == [False, False, True]
+    assert rows[0]["label"] == "positive" and rows[1]["label"] == "negative" and "not UTF-8" in rows[2]["error"]
 
 
 @pytest.mark.llama

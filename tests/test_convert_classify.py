@@ -4,9 +4,7 @@ with one clear message and a non-zero exit."""
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 import shutil
 
 import numpy as np
@@ -17,63 +15,25 @@ from edge2dexit import Classifier
 from edge2dexit.bundle import load_bundle, write_exits
 from edge2dexit.cli import app
 from edge2dexit.convert.data import DataSettings, make_splits
-from edge2dexit.convert.pipeline import convert
-from edge2dexit.convert.settings import ConvertSettings, TrainSettings
 from edge2dexit.document import sentence_by_sentence
 from edge2dexit.engine import EngineSettings
 from edge2dexit.errors import InputError
-from edge2dexit.policies import POLICIES
-from edge2dexit.throughput import throughput_benchmark
+from edge2dexit.policies import policy_names
+from edge2dexit.measure.throughput import throughput_benchmark
+
+from helpers import TEXT
 
 pytestmark = pytest.mark.llama
-
-GOOD = ["I loved every minute of it.", "The acting was superb.", "A wonderful, moving story.", "Great fun from start to end."]
-BAD = ["I hated every minute of it.", "The acting was dreadful.", "A boring, pointless story.", "A waste of time and money."]
-NEUTRAL = ["The film runs two hours.", "It was shown on a Tuesday.", "The cinema was half full."]
-
-
-def synthetic_reviews(path, n_per_class=12, seed=0):
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["review", "sentiment"])
-        for label, pool in (("pos", GOOD), ("neg", BAD)):
-            for _ in range(n_per_class):
-                sentences = rng.sample(NEUTRAL, 1) + rng.sample(pool, 2)
-                w.writerow([" ".join(sentences), label])
-
-
-def tiny_convert(root, model, **settings):
-    """Convert two dozen synthetic reviews under `root` (a few seconds; `settings` adds to the ConvertSettings)."""
-    data = root / "reviews.csv"
-    synthetic_reviews(data)
-    # The split and learning rate this test was written with (the defaults became 0.5/0.25/0.25 and 3e-4, which on
-    # a dozen documents leaves the heads barely trained).
-    return convert(ConvertSettings(
-        model=model,
-        data=DataSettings(str(data), text_column="review", label_column="sentiment", per_class=None,
-                          fractions=(0.6, 0.2, 0.2), splitter="regex"),
-        out=root / "bundle",
-        head=TrainSettings(kind="linear", epochs=30, seed=0, lr=1e-3), tolerance=0.05,
-        engine=EngineSettings(n_ctx=512),
-        **settings,
-    ))
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, smollm2_path):
-    return tiny_convert(tmp_path_factory.mktemp("convert"), smollm2_path)
-
 
 def test_convert_writes_a_loadable_bundle(tiny_bundle):
     bundle = load_bundle(tiny_bundle.bundle)
     assert bundle.labels == ("neg", "pos")
-    assert set(bundle.policies) == set(POLICIES) and bundle.default_policy in POLICIES
+    assert set(bundle.policies) == set(policy_names()) and bundle.default_policy in policy_names()
     assert set(bundle.heads) == {"sentence", "prefix"} and len(bundle.heads["prefix"].layers) == 30
     assert bundle.base.architecture == "llama" and bundle.base.n_layer == 30
     card = (tiny_bundle.bundle / "README.md").read_text()
     assert "Test split" in card and "paper2d" in card
-    assert set(tiny_bundle.test) == set(POLICIES)
+    assert set(tiny_bundle.test) == set(policy_names())
 
 
 def test_exits_round_trip_every_key_and_tensor(tiny_bundle, tmp_path):
@@ -94,10 +54,9 @@ def classifier(tiny_bundle):
         yield clf
 
 
-TEXT = "The film runs two hours. I loved every minute of it. The acting was superb. A wonderful, moving story."
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", policy_names())
 def test_every_policy_reports_what_llama_cpp_computed(classifier, policy, monkeypatch):
     computed = []
     decode = classifier.engine.context.decode
@@ -139,11 +98,12 @@ def test_stream_decides_like_classify(classifier):
         result = result or stream.finish()
     whole = classifier.classify(TEXT, policy="prefix-mean")
     assert result.label == whole.label
-    # fed in one piece, a stream reads its sentences as classify reads the text: in the same decodes
+    # fed in one piece, a stream reads its complete sentences as classify reads the text, in one decode; the last
+    # sentence waits for more text or for finish, so the stream reads no more than classify does
     with classifier.stream("prefix-mean") as stream:
         one_piece = stream.feed(TEXT) or stream.finish()
-    assert (one_piece.scores, one_piece.exit_sentence, one_piece.token_layers) == (
-        whole.scores, whole.exit_sentence, whole.token_layers)
+    assert (one_piece.scores, one_piece.exit_sentence) == (whole.scores, whole.exit_sentence)
+    assert one_piece.token_layers <= whole.token_layers
     # closing the stream freed its sequence: its document can no longer read
     with pytest.raises(RuntimeError, match="newer Engine.document"):
         classifier.engine.run(stream.doc.append([classifier.engine.tokenize("More.")], 1))
@@ -199,14 +159,14 @@ def test_cli_classify_json_and_exit_codes(tiny_bundle, tmp_path, gemma_path):
 
 
 def test_eval_structure_oracle_and_consistency(classifier, tmp_path):
-    from edge2dexit.evaluate import evaluate
-    from edge2dexit.figures import write_figures
+    from edge2dexit.measure.evaluate import evaluate
+    from edge2dexit.measure.figures import write_figures
 
     texts = [TEXT, "The cinema was half full. The acting was dreadful. A boring, pointless story.",
              "It was shown on a Tuesday. A waste of time and money. I hated every minute of it."]
     labels = [1, 0, 0]
     ev = evaluate(classifier, texts, labels)
-    assert set(ev.scores) == set(POLICIES) and ev.n_docs == 3
+    assert set(ev.scores) == set(policy_names()) and ev.n_docs == 3
     for score in ev.scores.values():
         assert score.accuracy == pytest.approx(np.mean(np.array(score.predictions) == labels))
         assert ev.oracle_token_layers <= score.token_layers
@@ -269,7 +229,7 @@ def test_cli_eval_reads_the_bundles_own_split(tiny_bundle):
 def test_cli_eval_reads_no_file_a_bundle_names(tiny_bundle):
     res = CliRunner().invoke(app, ["eval", "--bundle", str(tiny_bundle.bundle), "--n-ctx", "512"])
     assert res.exit_code == 3, res.output
-    assert "pass --data FILE" in res.stderr and "Traceback" not in res.output
+    assert "name it (--data FILE)" in res.stderr and "Traceback" not in res.output
 
 
 def test_throughput_benchmark_runs_every_configuration_with_agreeing_labels(tiny_bundle):

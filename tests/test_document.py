@@ -111,7 +111,7 @@ def test_a_shared_decode_that_went_deeper_is_valid_and_paid_to_its_depth():
 def test_text_longer_than_the_room_is_refused_and_the_document_stays_usable():
     fake, doc = FakeExecutor(), new_document(capacity=10)
     fake.run(doc.append(sentences(4), 2))
-    with pytest.raises(ContextOverflowError, match="needs 11 tokens but the context leaves room for 10"):
+    with pytest.raises(ContextOverflowError, match="needs at least 11 tokens but the context leaves room for 10"):
         fake.run(doc.append(sentences(3, 4), 2))
     assert doc.n_sentences == 1 and doc.room == 6 and len(fake.calls) == 1
     fake.run(doc.append(sentences(6), 2))

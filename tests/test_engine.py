@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from edge2dexit.document import sentence_by_sentence, whole_text
-from edge2dexit.engine import Engine, EngineSettings, PlainReader
+from edge2dexit.engine import Engine, EngineSettings
+from edge2dexit.measure.plain import PlainReader
 from edge2dexit.errors import ContextOverflowError
 from edge2dexit.sentences import Splitter
 
-from conftest import REVIEW, TASK_PROMPT
+from helpers import REVIEW, TASK_PROMPT
 
 pytestmark = pytest.mark.llama
 

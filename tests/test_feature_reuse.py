@@ -13,8 +13,8 @@ import edge2dexit.convert.features as features
 from edge2dexit.convert.features import document_key, extract, open_store, stores_under
 from edge2dexit.errors import InputError
 from edge2dexit.sentences import Splitter
-from test_batching import REVIEWS
-from test_convert_classify import tiny_convert
+from helpers import REVIEWS
+from helpers import tiny_convert
 
 pytestmark = pytest.mark.llama
 

@@ -22,7 +22,7 @@ from edge2dexit.errors import BundleError, ModelError
 from edge2dexit.keys import Keys
 from edge2dexit.models.gguf_file import check_gguf
 from edge2dexit.policies import make_policy
-from test_bundle import rewrite
+from helpers import rewrite
 
 EXITS = DEFAULT_BUNDLE / EXITS_FILE
 MiB = 1 << 20

@@ -171,7 +171,10 @@ def test_check_text_passes_only_text_with_a_sentence(text):
     (bytes(range(256)), "looks binary"),
     (b"\x89PNG\r\n\x1a\n" + bytes(range(1, 200)), "is not UTF-8 text (byte 0)"),
     (b"caf\xe9", "is not UTF-8 text (byte 3)"),
-    (b"\xff\xfeG\x00", "looks binary"),  # UTF-16
+    (b"\xff\xfeG\x00", "is UTF-16 (it starts with a UTF-16 byte-order mark): convert it to UTF-8"),
+    (b"\xfe\xff\x00G", "is UTF-16"),
+    (b"\xff\xfe\x00\x00G\x00\x00\x00", "is UTF-32"),
+    (b"G\x00r\x00", "looks binary"),  # UTF-16 without its mark
 ])
 def test_decode_text_refusals(raw, words):
     with pytest.raises(InputError, match=re.escape(words)):

@@ -1,5 +1,6 @@
 """What importing each part of the package loads, checked in a fresh interpreter: the pure parts (policies, heads,
-documents, keys, bundles) load neither llama.cpp nor torch, and the CLI (with what `eval` imports) never torch."""
+documents, keys, bundles) load neither llama.cpp nor torch; the CLI (with what `eval` imports) never torch, and
+llama.cpp only in a command that reads a model; the runtime nothing of `measure`."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def test_the_package_loads_llama_cpp_only_when_a_classifier_is_asked_for():
 
 @pytest.mark.parametrize("imports", [
     ("import edge2dexit.cli",),
-    ("import edge2dexit.cli", "import edge2dexit.convert.data, edge2dexit.evaluate"),  # what `eval` imports
+    ("import edge2dexit.cli", "import edge2dexit.convert.data, edge2dexit.measure.evaluate"),  # what `eval` imports
     ("import edge2dexit.cli", "import edge2dexit.convert.settings, edge2dexit.convert.features"),
 ])
 def test_cli_and_eval_never_import_torch(imports):
@@ -52,3 +53,29 @@ def test_cli_and_eval_never_import_torch(imports):
 
 def test_only_training_imports_torch():
     assert "torch" in loaded_after("import edge2dexit.convert.train")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["models", "list"], ["classify", "--help"], ["bench", "soak", "--help"]])
+def test_commands_that_read_no_model_never_load_llama_cpp(argv):
+    """On a CUDA build, loading libllama initialises the GPU: `--help` and `models list` must not pay for it."""
+    loaded = loaded_after(
+        "from edge2dexit.cli import main",
+        f"sys.argv = ['edge2dexit', *{argv!r}]",
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code in (0, None), exit.code",
+    )
+    assert "llama_cpp" not in loaded
+
+
+RUNTIME = ("texts", "sentences", "llama", "document", "engine", "heads", "policies", "bundle", "models", "classifier",
+           "settings", "lifetime", "files", "tables", "keys", "cache", "errors")
+
+
+def test_the_runtime_imports_nothing_from_measure_or_convert():
+    code = "\n".join([
+        "import sys",
+        *(f"import edge2dexit.{name}" for name in RUNTIME),
+        "print([m for m in sys.modules if m.startswith(('edge2dexit.measure', 'edge2dexit.convert'))])",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -21,7 +21,7 @@ from edge2dexit.convert.features import extract
 from edge2dexit.engine import Engine, EngineSettings
 from edge2dexit.llama import _LayerTap
 from edge2dexit.sentences import Splitter
-from test_convert_classify import synthetic_reviews
+from helpers import synthetic_reviews
 
 pytestmark = pytest.mark.llama
 
@@ -127,7 +127,7 @@ def test_ctrl_c_while_the_feature_store_saves_its_progress_keeps_the_last_one(sm
     write_text, saves = Path.write_text, []
 
     def cut_short(path, text, *args, **kwargs):
-        if path.name.startswith("meta.json"):
+        if path.name.startswith(".meta.json."):  # the temporary file `files.replacing` renames onto meta.json
             saves.append(text)
             if len(saves) == 2:
                 write_text(path, text[: len(text) // 2])

@@ -26,8 +26,8 @@ from edge2dexit.errors import BundleError, InputError, ModelError
 from edge2dexit.keys import LORA_FORMAT_VERSION, Keys
 from edge2dexit.sentences import Splitter
 
-from conftest import REVIEW, TASK_PROMPT, random_lora
-from test_convert_classify import TEXT, tiny_convert
+from helpers import REVIEW, TASK_PROMPT, random_lora
+from helpers import TEXT, tiny_convert
 
 pytestmark = pytest.mark.llama
 

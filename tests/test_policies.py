@@ -6,42 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge2dexit.document import Document, replay
-from edge2dexit.heads import ExitHead, ExitHeads, Pooling
-from edge2dexit.policies import POLICIES, Accumulator, make_policy, paper2d_steps, Step
+from edge2dexit.document import Document
+from edge2dexit.policies import Accumulator, Step, make_policy, paper2d_steps, policy_names
 
 from fakes import FakeExecutor
-
-C = 2
-
-
-def identity_heads(pooling: str, n_layer: int) -> ExitHeads:
-    eye = np.eye(C, dtype=np.float32)
-    zeros, ones = np.zeros(C, np.float32), np.ones(C, np.float32)
-    return ExitHeads(
-        pooling, ("neg", "pos"), {l: ExitHead(l, "linear", zeros, ones, ((eye, zeros),)) for l in range(n_layer)}
-    )
-
-
-def grid(*margins_by_sentence):
-    """P[k, l] from margins: positive margin m → class 1 with p = (1 + m) / 2, negative → class 0."""
-    m = np.array(margins_by_sentence, dtype=np.float64)
-    p1 = (1 + m) / 2
-    return np.stack([1 - p1, p1], axis=-1)
-
-
-def all_heads(n_layer):
-    return {Pooling.SENTENCE: identity_heads(Pooling.SENTENCE, n_layer),
-            Pooling.PREFIX: identity_heads(Pooling.PREFIX, n_layer)}
-
-
-def run(name, P, tokens, min_decode_tokens=1, **params):
-    """Replay policy `name` over the states log(P) of sentences of `tokens[k]` tokens, reading ahead to
-    `min_decode_tokens` tokens a decode: (decision, document)."""
-    n_layer = P.shape[1]
-    policy = make_policy(name, all_heads(n_layer), n_layer, params)
-    sentences = [range(n) for n in tokens]  # stand-ins of the right lengths
-    return replay(lambda doc: policy.read(doc, sentences), np.log(P).astype(np.float32), tokens, min_decode_tokens)
+from helpers import all_heads, grid, identity_heads, run, write_store
 
 
 def test_accumulator_ignores_low_confidence_and_stops_on_excess():
@@ -109,13 +78,11 @@ def test_sentence_policy_accumulates_at_the_last_layer():
     assert doc.token_layers == 3 * 3 * 3 and doc.n_sentences == 3
 
 
-def test_layer_policy_fixed_and_confident():
+def test_layer_policy_on_the_last_sentence_or_the_mean_of_all():
     m = np.array([[0.9, 0.9, 0.9, 0.9], [0.0, 0.1, -0.8, -0.9]])
     fixed, doc = run("layer", grid(*m), [2, 2], layer=1)
     assert fixed.exit_layer == 1 and fixed.label_index == 1 and doc.token_layers == 4 * 2
-    confident, doc = run("layer", grid(*m), [2, 2], threshold=0.7)  # the last sentence decides
-    assert confident.exit_layer == 2 and confident.label_index == 0 and doc.token_layers == 4 * 3
-    assert doc.decode_calls == 1
+    assert doc.decode_calls == 1 and fixed.boundary_gap == pytest.approx(0.1)  # the last sentence's margin: a tie gap
     pooled, doc = run("layer", grid(*m), [2, 2], layer=1, pooling="prefix")  # mean of both sentences
     P = grid(*m)[:, 1]
     want = np.sqrt(P[0] * P[1])
@@ -148,17 +115,6 @@ def test_prefix_mean_of_log_probabilities():
     np.testing.assert_allclose(decision.probabilities, want / want.sum(), rtol=1e-5)
 
 
-def test_prefix_mean_deepens_only_when_the_answer_is_unsure():
-    m = np.zeros((2, 6))
-    m[:, 1] = [0.1, 0.1]
-    m[:, 5] = [-0.9, -0.9]
-    decision, doc = run("prefix-mean", grid(*m), [3, 3], layer=1, threshold=0.9, deepen_layer=5, deepen_below=0.5)
-    assert decision.exit_layer == 5 and decision.label_index == 0
-    assert doc.token_layers == 6 * 2 + 6 * 6
-    sure, doc = run("prefix-mean", grid(*m), [3, 3], layer=1, threshold=0.9, deepen_layer=5, deepen_below=0.05)
-    assert sure.exit_layer == 1 and doc.token_layers == 6 * 2
-
-
 def test_unknown_policy_and_bad_parameters_are_bundle_errors():
     from edge2dexit.errors import BundleError
 
@@ -171,23 +127,22 @@ def test_unknown_policy_and_bad_parameters_are_bundle_errors():
         make_policy("prefix-mean", heads, 4, {"layer": 1, "threshold": 0.5})
     with pytest.raises(BundleError, match="outside 0..3"):
         make_policy("prefix-mean", all_heads(4), 4, {"layer": 4, "threshold": 0.5})
-    with pytest.raises(BundleError, match="either a fixed `layer` or a margin `threshold`"):
+    with pytest.raises(BundleError, match="bad parameters for the layer policy"):
         make_policy("layer", heads, 4, {"layer": 1, "threshold": 0.5})
 
 
 @pytest.mark.parametrize("name, params", [
     ("full", {}),
-    ("layer", {"threshold": 0.7}),
     ("layer", {"layer": 2, "pooling": "prefix"}),
     ("sentence-vote", {"tau_ignore": 0.3, "tau_acc": 1.0}),
     ("paper2d", {"tau_ignore": 0.2, "tau_acc": 1.0}),
     ("paper2d", {"tau_ignore": 0.9, "tau_acc": 5.0}),  # never fires: the fallback deepens everything
-    ("prefix-mean", {"layer": 1, "threshold": 0.8, "min_sentences": 2, "deepen_layer": 5, "deepen_below": 0.9}),
+    ("prefix-mean", {"layer": 1, "threshold": 0.8, "min_sentences": 2}),
 ])
 def test_every_policy_reads_only_valid_kv_and_decides_as_in_replay(name, params):
     """The same policy through the fake executor, which checks every decode starts where the cache ends over KV
     valid to its depth, decides and costs exactly as replayed."""
-    assert name in POLICIES
+    assert name in policy_names()
     rng = np.random.default_rng(7)
     m = rng.uniform(-1, 1, size=(5, 6))
     tokens = [3, 1, 4, 1, 5]
@@ -218,3 +173,59 @@ def test_policies_pull_sentences_only_as_far_as_they_read():
     policy = make_policy("prefix-mean", all_heads(6), 6, {"layer": 3, "threshold": 0.9, "min_sentences": 2})
     decision = FakeExecutor(states=np.log(grid(*m)).astype(np.float32)).run(policy.read(Document(0, 100), lazily()))
     assert decision.fired and decision.sentences_read == 2 and len(pulled) == 2
+
+
+def test_boundary_gap_is_the_closest_call_of_the_decision():
+    """prefix-mean compares each prefix's margin with τ once it may stop: the gap is the nearest of those, or of the
+    answer to a tie; the paper's accumulator counts cells against τ_ignore and totals against τ_acc."""
+    m = np.zeros((3, 4))
+    m[:, 2] = [0.5, 0.75, 0.99]  # prefix means of these margins: ~0.5, ~0.63, ~0.75...
+    decision, _ = run("prefix-mean", grid(*m), [1, 1, 1], layer=2, threshold=0.6, min_sentences=2)
+    margins = [float(np.diff(np.exp(np.log(grid(*m)[:k, 2]).mean(0)) / np.exp(np.log(grid(*m)[:k, 2]).mean(0)).sum())[0])
+               for k in (2,)]
+    assert decision.fired and decision.exit_sentence == 1
+    assert decision.boundary_gap == pytest.approx(abs(margins[0] - 0.6))
+    votes = Accumulator(2, tau_ignore=0.3, tau_acc=1.0)
+    votes.add(np.array([0.4, 0.6]))  # margin 0.2: 0.1 from τ_ignore, not counted
+    votes.add(np.array([0.05, 0.95]))  # margin 0.9: counted, total 0.9 is 0.1 from τ_acc
+    assert votes.gap == pytest.approx(0.1)
+
+
+def test_a_policy_registered_in_one_place_is_everywhere(monkeypatch, tmp_path):
+    """One class declares a policy's name, heads and calibration grid: make_policy, calibration and the CLI's
+    choices all see it."""
+    from typer.testing import CliRunner
+
+    from edge2dexit import policies
+    from edge2dexit.cli import app
+    from edge2dexit.convert.calibrate import calibrate
+    from edge2dexit.policies import Decision, Policy, calibration_grid, register
+
+    monkeypatch.setattr(policies, "_REGISTRY", dict(policies._REGISTRY))
+
+    @register
+    class FirstSentence(Policy):
+        name = "first-sentence"
+
+        def __init__(self, heads, n_layer, layer):
+            self.heads, self.layer = heads[self.pooling], layer
+
+        @classmethod
+        def grid(cls, n_layer, layers):
+            return [{"layer": layer} for layer in layers["sentence"]]
+
+        def read(self, doc, sentences):
+            (state,) = yield from doc.append([next(iter(sentences))], self.layer + 1, layers=[self.layer])
+            p = self.heads.proba(self.layer, state.at(self.layer))
+            return Decision(p, 0, self.layer, 1, fired=True, boundary_gap=float(abs(p[1] - p[0])))
+
+    assert "first-sentence" in policy_names()
+    decision, _ = run("first-sentence", grid([0.5, -0.5, 0.9]), [2, 2], layer=1)
+    assert decision.label_index == 0 and decision.exit_layer == 1
+    assert calibration_grid("first-sentence", 3, {"sentence": [0, 2]}) == [{"layer": 0}, {"layer": 2}]
+    documents = [np.log(grid([0.5, -0.5, 0.9])), np.log(grid([-0.5, 0.5, -0.9]))]
+    store = write_store(tmp_path / "store", documents, [1, 0], [2, 2])
+    assert set(calibrate(store, all_heads(3), ["first-sentence"], 0.5).chosen) == {"first-sentence"}
+    result = CliRunner().invoke(app, ["classify", "-", "--policy", "first-sentence", "--n-ctx", "8"])
+    assert "is not one of" not in result.output  # the name passed the CLI's check; the too small context did not
+    assert result.exit_code == 2 and "--n-ctx" in result.output

@@ -6,6 +6,7 @@ this process checks every batch format; `classify-ray` reads a CSV and writes pa
 from __future__ import annotations
 
 import itertools
+import subprocess
 import sys
 
 import pytest
@@ -18,13 +19,11 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from conftest import BATCHING_SCORE_TOLERANCE  # noqa: E402
-from edge2dexit.bundle import load_bundle  # noqa: E402
-from edge2dexit.classifier import DEFAULT_BUNDLE, Classifier  # noqa: E402
+from helpers import assert_same_decision  # noqa: E402
+from edge2dexit.classifier import Classifier  # noqa: E402
 from edge2dexit.cli import app  # noqa: E402
 from edge2dexit.engine import EngineSettings  # noqa: E402
 from edge2dexit.errors import InputError  # noqa: E402
-from edge2dexit.heads import margin  # noqa: E402
 from edge2dexit.ray_data import ClassifyBatch, _actor_cpus, classify_dataset  # noqa: E402
 
 pytestmark = [
@@ -42,34 +41,24 @@ VERDICTS = ["The acting was superb and the story moving.", "It was a complete wa
 CLOSINGS = ["I would gladly see it again.", "Avoid it."]
 TEXTS = [" ".join(parts) for parts in itertools.product(OPENINGS, VERDICTS, CLOSINGS)]  # 64 short reviews
 BAD_ROWS = {"empty": " \n ", "no text": None, "binary": "x\x00y", "long": "and then " * 300 + "the end."}
-EXIT_POINT = ("label", "exit_sentence", "exit_layer", "early", "sentences_read", "tokens", "truncated")
-# The default bundle's prefix-mean stop threshold on the margin p_top1 − p_top2. A text whose margin lies within
-# llama.cpp's batching noise of it (docs/llama-cpp.md §5) may fire the stop rule read one way and not the other.
-THRESHOLD = load_bundle(DEFAULT_BUNDLE).policies["prefix-mean"]["threshold"]
-
-
-def exit_point(result) -> tuple:
-    """The decision of a Result, or of a result row."""
-    get = result.get if isinstance(result, dict) else lambda name: getattr(result, name)
-    return tuple(get(name) for name in EXIT_POINT)
 
 
 def assert_same_decisions(rows, alone) -> None:
-    """Rows decided as the single-process results: the same exit point, or, where the single result's margin lies
-    within 0.02 of the stop threshold, the same label."""
+    """Rows read by the actors, batched with other rows, decide as the single-process results one at a time
+    (`helpers.assert_same_decision`: the same decision and scores within the batching tolerance, unless a
+    decision lies within that tolerance of a boundary)."""
     assert len(rows) == len(alone)
     for row, single in zip(rows, alone):
-        if abs(margin(np.array(list(single.scores.values()))) - THRESHOLD) < 0.02:
-            assert exit_point(row)[0] == single.label
-        else:
-            assert exit_point(row) == exit_point(single)
+        assert_same_decision(row, single, row.get("id"))
+        assert (row["tokens"], row["truncated"]) == (single.tokens, single.truncated)
 
 
-def test_classify_ray_without_ray_is_one_line_and_exit_code_2(monkeypatch, tmp_path):
-    """First in the file: no cluster runs yet, so no Ray thread of this process trips over the hidden module."""
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    result = CliRunner().invoke(app, ["classify-ray", str(tmp_path / "in.csv"), str(tmp_path / "out")])
-    assert result.exit_code == 2
+def test_classify_ray_without_ray_is_one_line_and_exit_code_2(tmp_path):
+    """In a process of its own, where Ray cannot be imported (no Ray thread of this process is in the way)."""
+    code = ("import sys; sys.modules['ray'] = None; sys.argv = ['edge2dexit', 'classify-ray', "
+            f"{str(tmp_path / 'in.csv')!r}, {str(tmp_path / 'out')!r}]; from edge2dexit.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
     assert result.stderr.strip() == "edge2dexit: classify-ray needs Ray: pip install 'edge2dexit[ray]'"
 
 
@@ -107,11 +96,9 @@ def test_a_corpus_on_two_actors_decides_as_one_process(ray_rows, alone):
         row = ray_rows[f"review-{i}"]
         assert set(row) == {"id", "label", "score_negative", "score_positive", "exit_sentence", "exit_layer",
                             "early", "sentences_read", "layers_run", "token_layers", "tokens", "seconds",
-                            "truncated", "error"}  # the text stays behind: id_column
+                            "boundary_gap", "truncated", "error"}  # the text stays behind: id_column
         assert row["error"] is None
         assert_same_decisions([row], [single])
-        for label, score in single.scores.items():
-            assert row[f"score_{label}"] == pytest.approx(score, abs=BATCHING_SCORE_TOLERANCE)
     assert {single.label for single in alone} == {"negative", "positive"}
 
 

@@ -19,7 +19,7 @@ from edge2dexit.classifier import DEFAULT_BUNDLE
 from edge2dexit.cli import app
 from edge2dexit.errors import BundleError
 from edge2dexit.keys import Keys
-from test_bundle import rewrite
+from helpers import rewrite
 
 PACKAGE = Path(edge2dexit.__file__).parent
 REVIEW = "A wonderful film. The acting was superb. I loved every minute of it."

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from edge2dexit.cli import app
 from edge2dexit.engine import EngineSettings
-from edge2dexit.soak import Phase, soak, soak_texts
+from edge2dexit.measure.soak import Phase, soak, soak_texts
 
 pytestmark = pytest.mark.llama
 

@@ -1,6 +1,7 @@
 """The typer apps and the one rule every command follows: an error a user can act on is one line on stderr and
 its documented exit code (errors.py); anything else is a bug, reported as one line with exit code 1 (and the
-traceback only with EDGE2DEXIT_DEBUG=1). Never a traceback by default."""
+traceback only with EDGE2DEXIT_DEBUG=1). Never a traceback by default: not on Ctrl-C (130), and not when the reader
+of standard output goes away (`| head`: 141, quietly, as `cat` ends)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,13 @@ import functools
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import Callable
 
 import typer
 
-from ..errors import Edge2DExitError, InputError
-from ..texts import decode_text
+from ..errors import Edge2DExitError
 
-INTERNAL_ERROR, INTERRUPTED = 1, 130
+INTERNAL_ERROR, INTERRUPTED, BROKEN_PIPE = 1, 130, 141
 
 app = typer.Typer(
     add_completion=False,
@@ -45,6 +44,11 @@ def friendly(command: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("edge2dexit: interrupted", err=True)
             raise typer.Exit(INTERRUPTED) from None
+        except BrokenPipeError:
+            # Nobody reads standard output any more: end quietly, and point it at /dev/null so that the
+            # interpreter's last flush of what is buffered cannot fail again on the way out.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(BROKEN_PIPE) from None
         except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, not a traceback
             if os.environ.get("EDGE2DEXIT_DEBUG"):
                 traceback.print_exc()
@@ -53,17 +57,3 @@ def friendly(command: Callable) -> Callable:
             raise typer.Exit(INTERNAL_ERROR) from None
 
     return wrapper
-
-
-def read_text(source: str) -> str:
-    """The text of a file (or stdin for "-"), refusing what is not text."""
-    if source == "-":
-        return decode_text(sys.stdin.buffer.read(), "standard input")
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(f"{source}: no such file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{source}: cannot read it ({exc.strerror})") from None
-    return decode_text(raw, source)

@@ -7,11 +7,12 @@ from typing import Optional
 
 import typer
 
-from ..engine import EngineSettings
-from ..errors import InputError
+from ..measure.soak import CYCLES, DOCS
+from ..models import SAMPLE_REVIEW
 from ..models.registry import DEFAULT_MODEL
-from ..soak import CYCLES, DOCS, soak
-from .app import bench_app, friendly, read_text
+from ..settings import EngineSettings
+from .app import bench_app, friendly
+from .inputs import text_of
 from .options import THREADS, WIDTH
 
 
@@ -24,10 +25,10 @@ def bench_engine(
     threads: Optional[int] = THREADS,
 ) -> None:
     """Depth-limited decode vs full depth, eval-callback overhead, and the sentence splitter's share."""
-    from ..bench import SAMPLE_TEXT, engine_benchmark, format_engine_benchmark
+    from ..measure.bench import engine_benchmark, format_engine_benchmark
     from ..models.registry import resolve_model
 
-    body = read_text(str(text)) if text else SAMPLE_TEXT.read_text()
+    body = text_of(str(text)) if text else SAMPLE_REVIEW.read_text()
     typer.echo(format_engine_benchmark(engine_benchmark(resolve_model(model), body, rounds, threads)))
 
 
@@ -43,26 +44,20 @@ def bench_throughput(
     threads: Optional[int] = THREADS,
 ) -> None:
     """Docs/s and accuracy of `full` and the default policy: baseline one at a time vs the bundle at each width."""
-    from ..classifier import DEFAULT_BUNDLE
     from ..bundle import load_bundle
-    from ..convert.data import DataSettings, make_splits
-    from ..throughput import throughput_benchmark
+    from ..classifier import DEFAULT_BUNDLE
+    from ..convert.data import bundle_splits
+    from ..measure.throughput import throughput_benchmark
 
     try:
         sizes = tuple(int(w) for w in widths.split(","))
     except ValueError:
         raise typer.BadParameter(f"{widths!r} is not a comma-separated list of numbers", param_hint="--widths") from None
-    def splits(path: Optional[Path]):
-        recorded = load_bundle(path or DEFAULT_BUNDLE).calibration.get("data")
-        if not recorded:
-            raise InputError(f"{path or DEFAULT_BUNDLE} does not say which data it was built from, so it has no "
-                             "test split to read")
-        return make_splits(DataSettings(**recorded))
 
     # The bundle's test split, less anything the baseline bundle was trained or calibrated on.
-    test, seen = splits(bundle).test, set()
+    test, seen = bundle_splits(load_bundle(bundle or DEFAULT_BUNDLE)).test, set()
     if baseline is not None and baseline != bundle:
-        base = splits(baseline)
+        base = bundle_splits(load_bundle(baseline))
         seen = set(base.train.texts) | set(base.calibration.texts)
     kept = [(t, test.label_names[y]) for t, y in zip(test.texts, test.labels) if t not in seen][:docs]
     texts, labels = [t for t, _ in kept], [y for _, y in kept]
@@ -84,4 +79,6 @@ def bench_soak(
     threads: Optional[int] = THREADS,
 ) -> None:
     """Resident memory and open file descriptors over a long run and over open/close cycles (Linux: /proc)."""
+    from ..measure.soak import soak
+
     typer.echo(soak(docs, cycles, bundle, model, EngineSettings(width=width, n_threads=threads)).table())

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional, TextIO
 
 import typer
 from tqdm import tqdm
 
-from ..errors import Edge2DExitError
+from ..errors import Edge2DExitError, OutputError
 from .app import app, friendly
 from .inputs import Item, iter_items
 from .options import GPU_LAYERS, N_CTX, POLICY, THREADS, WIDTH, engine_settings
@@ -33,12 +33,16 @@ def classify(
     text_column: str = typer.Option("text", "--text-column", help="Column (or JSON key) of the text in tables."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column (or JSON key) of each row's id in "
                                                                       "tables (default: file:line)."),
-    lines: bool = typer.Option(False, "--lines", help="Standard input holds one text per line."),
-    truncate: bool = typer.Option(False, "--truncate", help="Read only the sentences that fit the context instead of failing."),
+    lines: bool = typer.Option(False, "--lines", help="Standard input holds one text per line (blank lines are "
+                                                      "skipped)."),
+    truncate: bool = typer.Option(False, "--truncate", help="Read only what fits the context instead of failing."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Read each text alone, so that its result "
+                                       "never depends on the texts read beside it (--width 1; see the README's "
+                                       "Reliability section for what sharing decodes changes and what it saves)."),
     n_ctx: int = N_CTX,
-    width: int = WIDTH,
+    width: Optional[int] = WIDTH,
     threads: Optional[int] = THREADS,
-    gpu_layers: int = GPU_LAYERS,
+    gpu_layers: Optional[int] = GPU_LAYERS,
 ) -> None:
     """Classify each text. A text that cannot be classified becomes an error record and the others go on; the
     exit code is then that of the first failure: 3 bad input, 4 model, 5 bundle, 6 text too long for the context."""
@@ -46,27 +50,26 @@ def classify(
 
     if resume and output is None:
         raise typer.BadParameter("--resume needs --output", param_hint="--resume")
+    if deterministic and width not in (None, 1):
+        raise typer.BadParameter("--deterministic reads one text at a time: leave --width out", param_hint="--width")
     done = _recorded_ids(output) if resume else set()
     items = [item for item in iter_items(inputs, text_column, id_column, lines) if item.id not in done]
-    settings = engine_settings(n_ctx, width, threads, gpu_layers)
+    settings = engine_settings(n_ctx, 1 if deterministic else width, threads, gpu_layers)
     failure = 0
-    sink_context = _open_output(output) if output is not None else nullcontext(sys.stdout)
-    with Classifier(bundle, model=model, policy=policy, settings=settings, truncate=truncate) as clf, \
-            sink_context as sink:
+    with _sink(output) as sink, Classifier(bundle, model=model, policy=policy, settings=settings,
+                                           truncate=truncate) as clf:
         n_layer = clf.engine.n_layer
         progress = tqdm(total=len(items), unit="text", disable=output is None or None, leave=False)
         for item, outcome in _outcomes(clf, items, ordered):
             progress.update()
             if isinstance(outcome, Edge2DExitError):
                 failure = failure or outcome.exit_code
-                message = str(outcome) if str(outcome).startswith(item.id) else f"{item.id}: {outcome}"
-                typer.echo(f"edge2dexit: {message}", err=True)
+                typer.echo(f"edge2dexit: {item.id}: {outcome}", err=True)
                 record = {"input": item.id, "error": str(outcome), "exit_code": outcome.exit_code}
             else:
                 record = {"input": item.id, **outcome.to_dict()}
             if as_json or output is not None:
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                sink.flush()
             elif not isinstance(outcome, Edge2DExitError):
                 total = "?" if outcome.sentences_total is None else outcome.sentences_total
                 sink.write(
@@ -112,17 +115,45 @@ def _outcomes(clf, items: list[Item], ordered: bool) -> Iterator[tuple[Item, obj
         yield from emit(bad, items[bad].error)
 
 
-def _open_output(output: Path) -> TextIO:
-    """`output` opened for appending, starting on a fresh line if a crash cut the last record short."""
-    cut_short = False
-    if output.is_file() and output.stat().st_size:
-        with open(output, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            cut_short = f.read(1) != b"\n"
-    sink = open(output, "a", encoding="utf-8")
-    if cut_short:
-        sink.write("\n")
-    return sink
+class _Sink:
+    """Where records go, one at a time and flushed, so that an interrupted run leaves whole records behind. A write
+    that fails (a full disk, a closed device) is an OutputError naming the place; a reader that went away (a
+    closed pipe) is left to the CLI's rule."""
+
+    def __init__(self, stream: TextIO, name: str):
+        self.stream, self.name = stream, name
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write to {self.name}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _sink(output: Path | None) -> Iterator[_Sink]:
+    """Standard output, or `output` opened for appending — starting on a fresh line if a crash cut the last record
+    short — and checked before any text is read."""
+    if output is None:
+        yield _Sink(sys.stdout, "standard output")
+        return
+    try:
+        cut_short = False
+        if output.is_file() and output.stat().st_size:
+            with open(output, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut_short = f.read(1) != b"\n"
+        stream = open(output, "a", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write to {output}: {exc.strerror or exc}") from None
+    with stream:
+        sink = _Sink(stream, str(output))
+        if cut_short:
+            sink.write("\n")
+        yield sink
 
 
 def _recorded_ids(output: Path) -> set[str]:
@@ -130,12 +161,18 @@ def _recorded_ids(output: Path) -> set[str]:
     if not output.is_file():
         return set()
     ids = set()
-    with open(output, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: its text is classified again
-            if isinstance(record, dict) and "error" not in record and "input" in record:
-                ids.add(record["input"])
+    try:
+        with open(output, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash: its text is classified again
+                if isinstance(record, dict) and "error" not in record and "input" in record:
+                    ids.add(record["input"])
+    except UnicodeDecodeError:
+        raise OutputError(f"{output} is not a file of edge2dexit's records (it is not UTF-8): name "
+                          "another output file to resume into") from None
+    except OSError as exc:
+        raise OutputError(f"cannot read {output} to resume: {exc.strerror or exc}") from None
     return ids

@@ -8,9 +8,8 @@ from typing import Optional
 import typer
 
 from ..convert.data import DataSettings
-from ..convert.settings import ConvertSettings, LoraSettings, TrainSettings
+from ..convert.settings import QUANTIZATIONS, ConvertSettings, LoraSettings, TrainSettings
 from ..keys import HEAD_LINEARS
-from ..llama import QUANT_TYPES
 from .app import app, friendly
 from .options import N_CTX, THREADS, WIDTH, engine_settings
 
@@ -62,8 +61,8 @@ def convert(
                                     help="Accuracy a policy may lose against the best single layer."),
     confidence: float = typer.Option(_CONVERT.confidence, min=0.0, max=0.999,
                                      help="Confidence that the loss is at most T on calibration (0: as measured)."),
-    quant: str = typer.Option(KEEP, callback=_choice((KEEP, *QUANT_TYPES)),
-                              help=f"Re-quantize the base model into the bundle: {', '.join((KEEP, *QUANT_TYPES))}."),
+    quant: str = typer.Option(KEEP, callback=_choice((KEEP, *QUANTIZATIONS)),
+                              help=f"Re-quantize the base model into the bundle: {', '.join((KEEP, *QUANTIZATIONS))}."),
     work: Optional[Path] = typer.Option(None, help="Feature store directory (default OUT/features); resumes."),
     reuse: Optional[list[Path]] = typer.Option(None, "--reuse", help="An earlier convert's feature stores (its "
                                                "OUT/features): documents they hold for the same model, prompt and "

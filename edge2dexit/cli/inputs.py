@@ -1,21 +1,24 @@
 """What `classify` reads: text files, directories of them, tables (CSV, TSV, JSONL: one text per row) and
 standard input. Each input becomes one or more `Item`s; an input that cannot be read becomes an Item that carries
-its error, so that a batch goes on past it and reports it in its place."""
+its error, so that a batch goes on past it and reports it in its place.
+
+An item's error never repeats the item's id: the record carries the id, and the one line on stderr puts the two
+together. Blank lines are no texts, in standard input read by line as in JSONL tables; a table row with an empty
+text is an error, since the row is there.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from .. import tables
 from ..errors import Edge2DExitError, InputError
 from ..texts import decode_text
-from .app import read_text
 
-TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None}
-TEXT_GLOB = "*.txt"
+TEXT_SUFFIX = ".txt"  # in a directory, files whose name ends so, in any case (.txt, .TXT)
 
 
 class Item(NamedTuple):
@@ -24,11 +27,29 @@ class Item(NamedTuple):
     error: Edge2DExitError | None = None
 
 
-def _safe_read(source: str) -> Item:
+def read_text(source: str) -> str:
+    """The text of a file, a pipe or a device (`<(cmd)`, /dev/stdin), or of standard input for "-"; InputError
+    for what is missing, a directory or not text. Messages name no source: the caller puts its name in front."""
+    if source == "-":
+        return decode_text(sys.stdin.buffer.read())
+    path = Path(source)
+    if path.is_dir():
+        raise InputError("is a directory (classify reads the *.txt files below it only when named as an input)")
     try:
-        return Item(source, read_text(source))
-    except Edge2DExitError as exc:
-        return Item(source, None, exc)
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("no such file" + (" (a broken symbolic link)" if path.is_symlink() else "")) from None
+    except OSError as exc:
+        raise InputError(f"cannot read it ({exc.strerror or exc})") from None
+    return decode_text(raw)
+
+
+def text_of(source: str) -> str:
+    """`read_text`, with the source named in the error."""
+    item = _read(source)
+    if item.error is not None:
+        raise type(item.error)(f"{source}: {item.error}")
+    return item.text
 
 
 def iter_items(sources: list[str], text_column: str, id_column: str | None = None, lines: bool = False) -> Iterator[Item]:
@@ -38,66 +59,67 @@ def iter_items(sources: list[str], text_column: str, id_column: str | None = Non
         if source == "-" and lines:
             yield from _stdin_lines()
         elif source != "-" and path.is_dir():
-            files = sorted(p for p in path.rglob(TEXT_GLOB) if p.is_file())
-            if not files:
-                yield Item(source, None, InputError(f"{source}: a directory with no {TEXT_GLOB} files"))
-            for file in files:
-                yield _safe_read(str(file))
-        elif path.suffix.lower() in TABLE_SUFFIXES and path.is_file():
+            yield from _directory(source)
+        elif tables.is_table(path) and path.is_file():
             yield from _table_rows(path, text_column, id_column)
         else:
-            yield _safe_read(source)
+            yield _read(source)
+
+
+def _read(source: str) -> Item:
+    try:
+        return Item(source, read_text(source))
+    except Edge2DExitError as exc:
+        return Item(source, None, exc)
+
+
+def _directory(source: str) -> Iterator[Item]:
+    """Every *.txt file below `source`, in name order, following symbolic links to directories (each directory
+    once); a broken link whose name ends in .txt is an error item, not a silent skip."""
+    found = []
+    seen = set()
+    for top, directories, files in os.walk(source, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree, or two links to one directory
+            directories.clear()
+            continue
+        seen.add(real)
+        directories.sort()
+        found += [os.path.join(top, name) for name in files if name.lower().endswith(TEXT_SUFFIX)]
+    if not found:
+        yield Item(source, None, InputError(f"a directory with no *{TEXT_SUFFIX} files below it"))
+    for file in sorted(found):
+        yield _read(file)
 
 
 def _stdin_lines() -> Iterator[Item]:
     for number, raw in enumerate(sys.stdin.buffer, start=1):
-        item_id = f"stdin:{number}"
+        line = raw.rstrip(b"\r\n")
+        if not line.strip():
+            continue
         try:
-            yield Item(item_id, decode_text(raw.rstrip(b"\r\n"), item_id))
+            yield Item(f"stdin:{number}", decode_text(line))
         except Edge2DExitError as exc:
-            yield Item(item_id, None, exc)
+            yield Item(f"stdin:{number}", None, exc)
 
 
 def _table_rows(path: Path, column: str, id_column: str | None) -> Iterator[Item]:
-    delimiter = TABLE_SUFFIXES[path.suffix.lower()]
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            if delimiter is not None:
-                csv.field_size_limit(sys.maxsize)  # reviews can exceed the 128 KiB default
-                reader = csv.DictReader(f, delimiter=delimiter)
-                missing = [c for c in (column, id_column) if c is not None and c not in (reader.fieldnames or [])]
-                if missing:
-                    have = ", ".join(map(repr, reader.fieldnames or [])) or "none"
-                    yield Item(str(path), None, InputError(f"{path} has no column {missing[0]!r}; its columns: {have}"))
-                    return
-                for row in reader:
-                    yield _row_item(f"{path}:{reader.line_num}", row, column, id_column)
-            else:
-                for number, line in enumerate(f, start=1):
-                    if line.strip():
-                        yield _json_row(f"{path}:{number}", line, column, id_column)
-    except UnicodeDecodeError as exc:
-        yield Item(str(path), None, InputError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"))
-    except (OSError, csv.Error) as exc:
-        yield Item(str(path), None, InputError(f"{path}: cannot read it ({exc})"))
-
-
-def _json_row(item_id: str, line: str, column: str, id_column: str | None) -> Item:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return Item(item_id, None, InputError(f"{item_id}: not valid JSON ({exc.msg})"))
-    if not isinstance(record, dict):
-        return Item(item_id, None, InputError(f"{item_id}: not a JSON object"))
-    return _row_item(item_id, record, column, id_column)
-
-
-def _row_item(item_id: str, record: dict, column: str, id_column: str | None) -> Item:
-    """A row's text, under its own id (`id_column`) or else file:line."""
-    if id_column is not None and record.get(id_column) not in (None, ""):
-        item_id = str(record[id_column])
-    value = record.get(column)
-    if not isinstance(value, str):
-        found = "nothing" if value is None else type(value).__name__
-        return Item(item_id, None, InputError(f"{item_id}: {column!r} holds {found}, not text"))
-    return Item(item_id, value)
+    header = tables.columns(path)
+    missing = [c for c in (column, id_column) if c is not None and header is not None and c not in header]
+    if missing:
+        have = ", ".join(map(repr, header)) or "none"
+        yield Item(str(path), None, InputError(f"has no column {missing[0]!r}; its columns: {have}"))
+        return
+    for row in tables.rows(path):
+        item_id = str(path) if row.line is None else f"{path}:{row.line}"
+        if row.error is not None:
+            yield Item(item_id, None, row.error)
+            continue
+        if id_column is not None and row.record.get(id_column) not in (None, ""):
+            item_id = str(row.record[id_column])
+        value = row.record.get(column)
+        if not isinstance(value, str):
+            found = "nothing" if value is None else type(value).__name__
+            yield Item(item_id, None, InputError(f"{column!r} holds {found}, not text"))
+            continue
+        yield Item(item_id, value)

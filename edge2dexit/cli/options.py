@@ -1,4 +1,6 @@
-"""Options shared by several commands; their defaults come from the library's settings, never retyped here."""
+"""Options shared by several commands; their defaults come from the library's settings, never retyped here. Nothing
+here loads llama.cpp: `--help` and commands that read no model must not start it (on a CUDA build that would
+initialise the GPU)."""
 
 from __future__ import annotations
 
@@ -6,28 +8,45 @@ from typing import Optional
 
 import typer
 
-from ..engine import EngineSettings
-from ..policies import POLICIES
+from ..errors import SettingsError
+from ..policies import policy_names
+from ..settings import EngineSettings
 
 _ENGINE = EngineSettings()
 
-N_CTX = typer.Option(_ENGINE.n_ctx, "--n-ctx", help="Tokens per document: task prompt + text.")
-WIDTH = typer.Option(_ENGINE.width, "--width", "-w", min=1, max=255,
+N_CTX = typer.Option(_ENGINE.n_ctx, "--n-ctx", min=16, help="Tokens per document: task prompt + text.")
+WIDTH = typer.Option(_ENGINE.width, "--width", "-w", min=1, max=255, show_default="1 on a CPU, 32 on a GPU",
                      help="Documents read at once in shared llama.cpp decodes.")
-THREADS = typer.Option(_ENGINE.n_threads, "--threads", help="CPU threads for llama.cpp (default: every core available).")
-GPU_LAYERS = typer.Option(_ENGINE.n_gpu_layers, "--gpu-layers", help="Layers to offload with a GPU build of llama.cpp.")
+THREADS = typer.Option(_ENGINE.n_threads, "--threads", min=1,
+                       help="CPU threads for llama.cpp (default: every core available).")
+GPU_LAYERS = typer.Option(_ENGINE.n_gpu_layers, "--gpu-layers", min=0, show_default="every layer on a GPU build",
+                          help="Layers to offload with a GPU build of llama.cpp (0: none).")
 
 
-def engine_settings(n_ctx: int, width: int = _ENGINE.width, threads: Optional[int] = None,
-                    gpu_layers: int = _ENGINE.n_gpu_layers) -> EngineSettings:
-    return EngineSettings(n_ctx=n_ctx, width=width, n_threads=threads, n_gpu_layers=gpu_layers)
+def engine_settings(n_ctx: int, width: Optional[int] = _ENGINE.width, threads: Optional[int] = None,
+                    gpu_layers: Optional[int] = _ENGINE.n_gpu_layers) -> EngineSettings:
+    try:
+        return EngineSettings(n_ctx=n_ctx, width=width, n_threads=threads, n_gpu_layers=gpu_layers)
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def check_policy(name: Optional[str]) -> Optional[str]:
-    if name is not None and name not in POLICIES:
-        raise typer.BadParameter(f"{name!r} is not one of {', '.join(POLICIES)}")
+    if name is not None and name not in policy_names():
+        raise typer.BadParameter(f"{name!r} is not one of {', '.join(policy_names())}")
     return name
 
 
+def check_policies(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    """A comma-separated list of policy names, each checked."""
+    if value is None:
+        return None
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in policy_names()]
+    if unknown or not names:
+        raise typer.BadParameter(f"{', '.join(unknown) or 'nothing'}: choose among {', '.join(policy_names())}")
+    return names
+
+
 POLICY = typer.Option(None, "--policy", "-p", callback=check_policy,
-                      help=f"{' | '.join(POLICIES)} (default: the bundle's).")
+                      help=f"{' | '.join(policy_names())} (default: the bundle's).")

@@ -12,21 +12,16 @@ reading every token through every layer. Replays use the very policy code the ru
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from ..document import MIN_DECODE_TOKENS, replay as replay_document
-from ..heads import ExitHeads, Pooling, whole_text_input
-from ..policies import POLICIES, make_policy
+from ..heads import ExitHeads, whole_text_input
+from ..policies import calibration_grid, make_policy, policy_names
 from ..stats import paired_lower_bound
 from .features import FeatureStore
-
-VOTE_GRID = [{"tau_ignore": ti, "tau_acc": ta} for ti in (0.0, 0.2, 0.4, 0.6, 0.8) for ta in (0.5, 1.0, 2.0, 3.0, 5.0)]
-PREFIX_MEAN_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-PREFIX_MEAN_MIN_SENTENCES = (1, 2, 3, 5)
 
 
 @dataclass(frozen=True)
@@ -122,20 +117,6 @@ def replay(store: FeatureStore, heads: Mapping[str, ExitHeads], policy: str, par
     return replay_outcomes(store, heads, policy, params)[0]
 
 
-def grid(policy: str, n_layer: int, layers_by_pooling: Mapping[str, Iterable[int]]) -> list[dict[str, Any]]:
-    if policy == "full":
-        return [{}]
-    if policy == "layer":
-        return [{"layer": layer, "pooling": pooling} for pooling in Pooling.ALL for layer in layers_by_pooling[pooling]]
-    if policy == "prefix-mean":
-        return [
-            {"layer": layer, "threshold": t, "min_sentences": k}
-            for layer, t, k in itertools.product(layers_by_pooling[Pooling.PREFIX], PREFIX_MEAN_THRESHOLDS,
-                                                 PREFIX_MEAN_MIN_SENTENCES)
-        ]
-    return VOTE_GRID  # sentence-vote, paper2d
-
-
 def pareto(points: list[Point]) -> list[Point]:
     """Points no other point beats on both accuracy and cost, cheapest first."""
     front, best = [], -1.0
@@ -149,7 +130,7 @@ def pareto(points: list[Point]) -> list[Point]:
 def calibrate(
     store: FeatureStore,
     heads: Mapping[str, ExitHeads],
-    policies: Iterable[str] = POLICIES,
+    policies: Iterable[str] | None = None,
     tolerance: float = 0.02,
     confidence: float = 0.95,
 ) -> Calibration:
@@ -163,8 +144,9 @@ def calibrate(
     reference = correct_by_layer[pooling][best_layer]
     layers = {k: list(v.layers) for k, v in heads.items()}
     chosen, loss_bound, frontier = {}, {}, {}
-    for policy in policies:
-        outcomes = [replay_outcomes(store, heads, policy, params) for params in grid(policy, store.n_layer, layers)]
+    for policy in policies or policy_names():
+        grid = calibration_grid(policy, store.n_layer, layers)
+        outcomes = [replay_outcomes(store, heads, policy, params) for params in grid]
         frontier[policy] = pareto([point for point, _ in outcomes])
         bounds = [-paired_lower_bound(correct, reference, confidence) for _, correct in outcomes]
         meeting = [i for i, bound in enumerate(bounds) if bound <= tolerance]

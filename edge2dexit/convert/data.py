@@ -8,19 +8,22 @@ fetched once into the cache directory and verified by the sha256 recorded below.
 from __future__ import annotations
 
 import csv
-import json
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import tables
 from ..cache import cache_dir, sha256_file
-from ..errors import InputError
+from ..errors import BundleError, InputError
 from ..models.wheels import fetch_wheel_members
 from ..sentences import Splitter
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
 
 DEFAULT_FRACTIONS = (0.5, 0.25, 0.25)  # train / calibration / test
 # Documents per class drawn before sentences are counted (counting is the slow part of preparing data): at least
@@ -161,29 +164,13 @@ def load_builtin(name: str) -> LabelledSet:
 
 # --- user files ----------------------------------------------------------------------------------------------
 
-_DELIMITERS = {".csv": ",", ".tsv": "\t"}
-
 
 def _records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each row of a .csv, .tsv or .jsonl file."""
-    suffix = path.suffix.lower()
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        if suffix in _DELIMITERS:
-            csv.field_size_limit(sys.maxsize)  # reviews can exceed the 128 KiB default
-            reader = csv.DictReader(f, delimiter=_DELIMITERS[suffix])
-            for row in reader:
-                yield reader.line_num, row
-        else:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}: line {line_number} is not valid JSON ({exc})") from None
-                if not isinstance(record, dict):
-                    raise InputError(f"{path}: line {line_number} is not a JSON object")
-                yield line_number, record
+    """(line number, record) for each row of a table; the first row that cannot be read refuses the file."""
+    for row in tables.rows(path):
+        if row.error is not None:
+            raise InputError(str(row.error) if row.line is None else f"{path}: line {row.line} is {row.error}")
+        yield row.line, row.record
 
 
 def _field(path: Path, line: int, record: dict, column: str) -> str:
@@ -207,18 +194,15 @@ def load_file(
     """Labelled texts from a .csv, .tsv or .jsonl file. Label names are the label values as strings, sorted,
     unless `label_names` fixes them (and their order)."""
     path = Path(path)
-    if path.suffix.lower() not in (*_DELIMITERS, ".jsonl"):
+    if not tables.is_table(path):
         raise InputError(f"{path}: cannot read {path.suffix or 'files without a suffix'!r}; use .csv, .tsv or .jsonl")
     if not path.is_file():
         raise InputError(f"{path} does not exist or is not a file")
     texts, raw_labels, lines = [], [], []
-    try:
-        for line, record in _records(path):
-            texts.append(_field(path, line, record, text_column))
-            raw_labels.append(_field(path, line, record, label_column))
-            lines.append(line)
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8") from None
+    for line, record in _records(path):
+        texts.append(_field(path, line, record, text_column))
+        raw_labels.append(_field(path, line, record, label_column))
+        lines.append(line)
     if not texts:
         raise InputError(f"{path} has no rows")
 
@@ -355,3 +339,22 @@ def make_splits(settings: DataSettings) -> Splits:
     check_labels_seen(splits.train, splits.calibration)
     check_labels_seen(splits.train, splits.test)
     return splits
+
+
+def bundle_splits(bundle: Bundle, data: str | None = None) -> Splits:
+    """The splits `bundle` was built from, rebuilt from the data settings its calibration record keeps (the same
+    settings give the same splits). `data` names the data set or file instead: a bundle built from a file records
+    only its name, and a bundle's strings are never paths read on its say."""
+    recorded = dict(bundle.calibration.get("data") or {})
+    if data:
+        recorded["data"] = data
+    elif "data" not in recorded:
+        raise InputError("this bundle does not say which data it was built from: name the data (--data)")
+    elif recorded["data"] not in BUILTIN_SETS:
+        raise InputError(f"this bundle was built from the file {recorded['data']!r}; only files you name are read: "
+                         "name it (--data FILE)")
+    try:
+        settings = DataSettings(**recorded)
+    except TypeError as exc:
+        raise BundleError(f"the bundle's record of its data cannot be read ({exc}): name the data (--data)") from None
+    return make_splits(settings)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from ..cache import sha256_file
 from ..document import whole_text
 from ..engine import Engine
 from ..errors import ContextOverflowError, InputError
+from ..files import write_text
 from ..sentences import Splitter
 
 _META, _STATES, _TOKENS = "meta.json", "states.f16", "tokens.npy"
@@ -192,8 +192,6 @@ def extract(
 
 
 def _save_meta(path: Path, meta: dict) -> None:
-    """Write, then rename: a Ctrl-C in the middle leaves the previous progress whole, and the next run resumes
-    from it instead of failing on half a JSON file."""
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(meta))
-    os.replace(part, path)
+    """Whole or not at all: a Ctrl-C in the middle leaves the previous progress, and the next run resumes from it
+    instead of failing on half a JSON file."""
+    write_text(path, json.dumps(meta))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -43,6 +42,7 @@ from ..bundle import write_lora
 from ..document import whole_text
 from ..engine import Engine
 from ..errors import ContextOverflowError, InputError
+from ..files import replacing, write_text
 from .settings import LoraSettings, TrainSettings
 from .train import class_weights, head_module, split_documents, torch_threads
 
@@ -222,8 +222,9 @@ def _fingerprint(model_path: str | Path, docs: Sequence[TokenizedDoc], n_classes
 
 class _Checkpoint:
     """The training state after each epoch, in a directory: `state.pt` (tensors only, read back with
-    weights_only=True) and `meta.json` (the run's fingerprint, the epochs done, their history). Written, then
-    renamed, so an interrupted save leaves the previous epoch whole."""
+    weights_only=True) and `meta.json` (the run's fingerprint, the epochs done, their history). Each file is
+    replaced whole (`files`), the state first, so an interrupted save leaves the previous epoch's meta pointing at
+    a state at least as new."""
 
     def __init__(self, directory: Path, fingerprint: str):
         self.directory, self.fingerprint = directory, fingerprint
@@ -241,14 +242,11 @@ class _Checkpoint:
 
     def save(self, epoch: int, history: list[dict], best: tuple[float, int], seconds: float, state: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        part = self._state.with_name(self._state.name + ".part")
-        torch.save(state, part)
-        os.replace(part, self._state)
+        with replacing(self._state) as part:
+            torch.save(state, part)
         meta = {"fingerprint": self.fingerprint, "epoch": epoch, "history": history, "best_loss": best[0],
                 "best_epoch": best[1], "seconds": seconds}
-        part = self._meta.with_name(self._meta.name + ".part")
-        part.write_text(json.dumps(meta))
-        os.replace(part, self._meta)
+        write_text(self._meta, json.dumps(meta))
 
 
 def _train(model: nn.Module, taps: _LayerOutputs, docs: Sequence[TokenizedDoc], train_docs: np.ndarray,

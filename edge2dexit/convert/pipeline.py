@@ -25,7 +25,6 @@ from ..engine import Engine
 from ..heads import Pooling
 from ..llama import quantize
 from ..models.registry import identify, resolve_model
-from ..policies import POLICIES
 from ..sentences import Splitter
 from ..stats import wilson_interval
 from . import lora
@@ -122,7 +121,7 @@ def convert(settings: ConvertSettings) -> ConvertReport:
     heads = {pooling: train_heads(stores["train"], label_names, pooling, settings.head)[0] for pooling in Pooling.ALL}
     timings["training"] = time.perf_counter() - started - sum(timings.values())
 
-    calibration = calibrate(stores["calibration"], heads, POLICIES, settings.tolerance, settings.confidence)
+    calibration = calibrate(stores["calibration"], heads, None, settings.tolerance, settings.confidence)
     test = {name: replay(stores["test"], heads, name, point.params) for name, point in calibration.chosen.items()}
     layer_acc = {k: v.round(4).tolist() for k, v in layer_accuracies(stores["test"], heads).items()}
     timings["calibration"] = time.perf_counter() - started - sum(timings.values())

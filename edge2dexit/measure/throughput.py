@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .baselines import fitted
-from .classifier import Classifier
-from .document import Reading, sentence_by_sentence, whole_text
-from .engine import EngineSettings
+from ..baselines import fitted
+from ..classifier import Classifier
+from ..document import Reading, sentence_by_sentence, whole_text
+from ..engine import EngineSettings
 
 CHUNK = 40  # documents per interleaving round
 

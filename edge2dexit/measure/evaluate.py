@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .baselines import TFIDF_DESCRIPTION, TFIDF_NAME, TRUNCATIONS, Sentences, fitted, tfidf_logreg
-from .classifier import Classifier, Result
-from .document import whole_text
-from .engine import PlainReader
-from .heads import ExitHeads, Pooling, running_means, whole_text_input
-from .policies import POLICIES
-from .stats import wilson_interval
+from ..baselines import TFIDF_DESCRIPTION, TFIDF_NAME, TRUNCATIONS, Sentences, fitted, tfidf_logreg
+from ..classifier import Classifier, Result
+from ..document import whole_text
+from .plain import PlainReader
+from ..heads import ExitHeads, Pooling, running_means, whole_text_input
+from ..policies import policy_names
+from ..stats import wilson_interval
 
 if TYPE_CHECKING:
-    from .convert.data import LabelledSet
+    from ..convert.data import LabelledSet
 
 
 
@@ -136,7 +136,7 @@ def evaluate(
     clf: Classifier,
     texts: Sequence[str],
     labels: Sequence[int],
-    policies: Sequence[str] = POLICIES,
+    policies: Sequence[str] | None = None,
     *,
     train: LabelledSet | None = None,
 ) -> Evaluation:
@@ -145,7 +145,7 @@ def evaluate(
     `train` (the bundle's training split), if given — fitted first, so that a missing scikit-learn fails at once."""
     engine, bundle = clf.engine, clf.bundle
     n_layer, n_classes, truth = engine.n_layer, len(bundle.labels), np.asarray(labels)
-    names = list(dict.fromkeys(["full", *policies]))
+    names = list(dict.fromkeys(["full", *(policies or policy_names())]))
     for name in names:
         clf.make_policy(name)  # a bad name or a policy the bundle lacks fails before any reading
     baselines = {} if train is None else {TFIDF_NAME: _tfidf_row(train, texts, truth, n_classes)}

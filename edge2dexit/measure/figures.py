@@ -9,9 +9,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .evaluate import Evaluation
-from .policies import POLICIES
+from ..policies import policy_names
 
 
 MIN_DOCUMENTS = 10
@@ -44,7 +44,7 @@ def write_figures(ev: Evaluation, calibration: Mapping[str, Any], directory: str
     written.append(_save(fig, directory / "accuracy_sentence_layer.png", plt))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colour = dict(zip(POLICIES, plt.cm.tab10.colors))
+    colour = dict(zip(policy_names(), plt.cm.tab10.colors))
     for name, points in calibration.get("frontier", {}).items():
         ax.plot([1 / p["cost"] for p in points], [p["accuracy"] for p in points], "o-", ms=3, c=colour.get(name),
                 label=f"{name} (calibration)")

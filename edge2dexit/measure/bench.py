@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .document import MIN_DECODE_TOKENS, sentence_by_sentence
-from .engine import Engine, EngineSettings, PlainReader
-from .sentences import Splitter
+from ..document import MIN_DECODE_TOKENS, sentence_by_sentence
+from ..engine import Engine, EngineSettings
+from .plain import PlainReader
+from ..sentences import Splitter
 
-SAMPLE_TEXT = Path(__file__).parent / "models" / "sample_review.txt"
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ class Engine(Owner):
             cells = len(prompt_tokens) + settings.width * (settings.n_ctx - len(prompt_tokens))
             threads = settings.n_threads or len(os.sched_getaffinity(0))
             context = stack.enter_context(
-                Context(model, ContextSettings(cells, settings.width + 1, settings.n_batch, threads), adapter))
+                Context(model, ContextSettings(cells, settings.width + 1, settings.n_batch, threads, settings.tap),
+                        adapter))
             engine = cls(model, context, prompt_tokens, settings)
             stack.pop_all()
             return engine

@@ -18,8 +18,11 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 import time
+import warnings
+import weakref
 from contextlib import contextmanager
 from functools import cache
 from dataclasses import dataclass
@@ -72,6 +75,24 @@ _GGML_TYPE_F32 = 0
 _ggml_backend_tensor_get = libggml.ggml_backend_tensor_get
 _ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 _ggml_backend_tensor_get.restype = None
+
+
+# --- ctypes arrays ---------------------------------------------------------------------------------------------
+
+
+@cache
+def _array_type(item: type, length: int) -> type:
+    """`item * length`, made once: ctypes keeps array types only while they are used, and each one it makes anew is
+    a reference cycle for the garbage collector (a slow creep over millions of tokenized sentences)."""
+    return item * length
+
+
+def _array(item: type, length: int, *values) -> ctypes.Array:
+    """A ctypes array of `length` items of `item`; token buffers are rounded up to a power of two, so that few
+    array types are ever made."""
+    if item is llama_cpp.llama_token:
+        length = 1 << max(0, length - 1).bit_length()
+    return _array_type(item, length)(*values)
 
 
 # --- logging and start-up: keep llama.cpp quiet, but remember its last errors for our messages ----------------
@@ -175,7 +196,7 @@ class Model(Owner):
         return LoraAdapter(Path(path), handle, scale)
 
     def metadata(self, key: str) -> str:
-        buf = ctypes.create_string_buffer(256)
+        buf = _array(ctypes.c_char, 256)
         n = llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace") if n >= 0 else ""
 
@@ -183,11 +204,11 @@ class Model(Owner):
         """Token ids of `text`; special-token text in the input is treated as plain text."""
         raw = text.encode("utf-8")
         capacity = len(raw) + 8
-        tokens = (llama_cpp.llama_token * capacity)()
+        tokens = _array(llama_cpp.llama_token, capacity)
         n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), tokens, capacity, add_bos, False)
         if n < 0:  # buffer too small: -n is the size needed
             capacity = -n
-            tokens = (llama_cpp.llama_token * capacity)()
+            tokens = _array(llama_cpp.llama_token, capacity)
             n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), tokens, capacity, add_bos, False)
         return tokens[:n]
 
@@ -206,57 +227,239 @@ class LoraAdapter(NamedTuple):
 # returning True ends the decode after that layer.
 LayerHook = Callable[[int, np.ndarray], bool]
 
+TAPS = ("c", "python")  # the C tap (_tap.c), or the pure-Python one where the C extension was not built
+_warned_no_c_tap = False
 
-class _LayerTap:
-    """The `cb_eval` callback: asks only for the `l_out-<i>` tensors wanted, copies their rows, and stops the
-    graph after the deepest one. One tap lives as long as its context; `arm` sets it up for each decode."""
 
-    def __init__(self, n_embd: int):
-        self.n_embd = n_embd
+def _c_tap_module():
+    """The C tap's extension module, or None where it was not built (no compiler at install time)."""
+    try:
+        from . import _tap
+    except ImportError:
+        return None
+    return _tap
+
+
+def choose_tap(wanted: str | None) -> str:
+    """The tap to use: `wanted` ("c" or "python"), or by default the C tap where it was built; the first time the
+    default has to fall back to Python, a warning says so."""
+    global _warned_no_c_tap
+    if wanted is not None:
+        if wanted not in TAPS:
+            raise SettingsError(f"unknown tap {wanted!r}; choose one of {', '.join(TAPS)}")
+        if wanted == "c" and _c_tap_module() is None:
+            raise SettingsError("the C tap was not built with this installation (no C compiler at install time)")
+        return wanted
+    if _c_tap_module() is not None:
+        return "c"
+    if not _warned_no_c_tap:
+        _warned_no_c_tap = True
+        warnings.warn("edge2dexit's C eval-callback tap was not built (no C compiler when it was installed): using "
+                      "the Python tap, which costs ~2 µs per graph node (a few percent on a CPU, more than the "
+                      "decode itself on a GPU)", RuntimeWarning, stacklevel=2)
+    return "python"
+
+
+class _Tap:
+    """What a context's eval callback needs for one decode: the layers to read and to stop after, a buffer per
+    layer read for every row of the decode (in batch order, filled chunk by chunk), and what came of it."""
+
+    def __init__(self, n_embd: int, n_layer: int):
+        self.n_embd, self.n_layer = n_embd, n_layer
+        self.buffers: dict[int, np.ndarray] = {}
+        self.on_layer: LayerHook | None = None
+        self.error: BaseException | None = None  # raised by Context.decode once llama.cpp has returned
+
+    def arm(self, read_layers: Sequence[int], stop_layer: int, on_layer: LayerHook | None, n_rows: int) -> None:
+        self.buffers = {layer: np.empty((n_rows, self.n_embd), dtype=np.float32) for layer in read_layers}
+        self.on_layer = on_layer
+        self.error = None
+
+    def start_graph(self) -> None:
+        """Before each llama_decode of the decode (a long one comes in chunks)."""
+
+    def check(self) -> None:
+        """After each llama_decode: raise what went wrong in the callback."""
+        if self.error is not None:
+            raise self.error
+
+    def rows(self, layer: int) -> np.ndarray:
+        """The rows of `layer` copied so far."""
+        raise NotImplementedError
+
+    @property
+    def reached(self) -> int:
+        """Layers computed: the depth asked for, or less where on_layer ended the graph."""
+        raise NotImplementedError
+
+    def _notify(self, layer: int) -> bool:
+        """Hand the rows of `layer` to the decode's stop rule; True ends the graph. An exception (ctypes would
+        swallow it and silently stop the graph) is kept for Context.decode to raise, and ends the graph."""
+        try:
+            return bool(self.on_layer(layer, self.rows(layer)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by Context.decode
+            self.error = exc
+            return True
+
+
+# ggml_backend_sched_eval_callback's user data for the C tap: `struct e2d_tap` of _tap.c, field by field.
+class _CTapState(ctypes.Structure):
+    _fields_ = [
+        ("tensor_get", ctypes.c_void_p),
+        ("on_layer", ctypes.c_void_p),
+        ("n_embd", ctypes.c_int32),
+        ("n_layer", ctypes.c_int32),
+        ("stop_layer", ctypes.c_int32),
+        ("reached", ctypes.c_int32),
+        ("stopped", ctypes.c_int32),
+        ("status", ctypes.c_int32),
+        ("bad_layer", ctypes.c_int32),
+        ("wanted", ctypes.POINTER(ctypes.c_uint8)),
+        ("notify", ctypes.POINTER(ctypes.c_uint8)),
+        ("buffers", ctypes.POINTER(ctypes.c_void_p)),  # float ** in C: set from numpy's addresses, no ctypes pointers
+        ("rows_written", ctypes.POINTER(ctypes.c_int64)),
+        ("capacity_rows", ctypes.c_int64),
+    ]
+
+
+_TAP_OK, _TAP_BAD_TENSOR, _TAP_OVERFLOW = 0, 1, 2
+
+
+def _address(function) -> int:
+    """The address of a ctypes function pointer, read from its bytes (ctypes.cast and from_buffer would each leave a
+    reference cycle for the garbage collector)."""
+    return int.from_bytes(memoryview(function).cast("B"), sys.byteorder)
+# bool (*layer_fn)(int32_t layer): the C tap's call into Python for a layer a stop rule must see
+_LayerFn = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_int32)
+
+
+class _CTap(_Tap):
+    """The eval callback in C (_tap.c): Python runs only for the layers a stop rule reads."""
+
+    def __init__(self, n_embd: int, n_layer: int):
+        super().__init__(n_embd, n_layer)
+        module = _c_tap_module()
+        if module.state_size() != ctypes.sizeof(_CTapState):
+            raise LlamaError(f"the C tap's state is {module.state_size()} bytes, its Python mirror "
+                             f"{ctypes.sizeof(_CTapState)}: rebuild edge2dexit")
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(module.eval_address())
+        self._wanted = _array(ctypes.c_uint8, n_layer)
+        self._notify_flags = _array(ctypes.c_uint8, n_layer)
+        self._pointers = _array(ctypes.c_void_p, n_layer)
+        self._rows_written = _array(ctypes.c_int64, n_layer)
+        self.state = _CTapState(
+            tensor_get=_address(_ggml_backend_tensor_get), n_embd=n_embd, n_layer=n_layer, wanted=self._wanted,
+            notify=self._notify_flags, buffers=self._pointers, rows_written=self._rows_written)
+        self.user_data = ctypes.addressof(self.state)
+        tap = weakref.ref(self)  # the C function pointer must not keep the tap (and its context) alive
+        self._layer_fn = _LayerFn(lambda layer: tap()._notify(layer))
+        self._layer_fn_address = _address(self._layer_fn)
+
+    def arm(self, read_layers: Sequence[int], stop_layer: int, on_layer: LayerHook | None, n_rows: int) -> None:
+        super().arm(read_layers, stop_layer, on_layer, n_rows)
+        ctypes.memset(self._wanted, 0, self.n_layer)
+        ctypes.memset(self._rows_written, 0, ctypes.sizeof(self._rows_written))
+        for layer, buffer in self.buffers.items():
+            self._wanted[layer] = 1
+            self._pointers[layer] = buffer.ctypes.data
+        ctypes.memmove(self._notify_flags, self._wanted, self.n_layer)  # every layer read is shown to on_layer
+        state = self.state
+        state.on_layer = self._layer_fn_address if on_layer is not None else None
+        state.stop_layer, state.reached, state.capacity_rows = stop_layer, stop_layer + 1, n_rows
+        state.status = _TAP_OK
+
+    def start_graph(self) -> None:
+        self.state.stopped = 0
+
+    def check(self) -> None:
+        super().check()
+        if self.state.status != _TAP_OK:
+            what = ("an unexpected tensor (not F32 rows of n_embd)" if self.state.status == _TAP_BAD_TENSOR
+                    else "more rows than the decode has tokens")
+            raise LlamaError(f"the eval callback found {what} at l_out-{self.state.bad_layer}")
+
+    def rows(self, layer: int) -> np.ndarray:
+        return self.buffers[layer][: self._rows_written[layer]]
+
+    @property
+    def reached(self) -> int:
+        return self.state.reached
+
+
+class _PythonTap(_Tap):
+    """The eval callback in Python, through ctypes: asked for each of the ~30 nodes per layer; where the C tap was
+    not built. Answers as the C tap does."""
+
+    def __init__(self, n_embd: int, n_layer: int):
+        super().__init__(n_embd, n_layer)
         self._wanted: dict[bytes, int | None] = {}  # tensor name -> layer to copy (None: stop there only)
         self._stop = b""
-        self._on_layer: LayerHook | None = None
-        self.rows: dict[int, list[np.ndarray]] = {}
-        self.reached = 0
-        self.error: BaseException | None = None
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+        self._rows_written: dict[int, int] = {}
+        self._reached = 0
+        self._stopped = False
+        tap = weakref.ref(self)  # the C function pointer must not keep the tap (and its context) alive
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(
+            lambda tensor, ask, user_data: tap()._on_node(tensor, ask))
+        self.user_data = None
 
-    def arm(self, read_layers: Sequence[int], stop_layer: int, on_layer: LayerHook | None) -> None:
+    def arm(self, read_layers: Sequence[int], stop_layer: int, on_layer: LayerHook | None, n_rows: int) -> None:
+        super().arm(read_layers, stop_layer, on_layer, n_rows)
         self._wanted = {layer_output(layer): layer for layer in read_layers}
         self._stop = layer_output(stop_layer)
         self._wanted.setdefault(self._stop, None)
-        self._on_layer = on_layer
-        self.rows = {layer: [] for layer in read_layers}
-        self.reached = stop_layer + 1
-        self.error = None
+        self._rows_written = dict.fromkeys(read_layers, 0)
+        self._reached = stop_layer + 1
 
-    def _on_node(self, tensor: int, ask: bool, user_data: int) -> bool:
+    def start_graph(self) -> None:
+        self._stopped = False
+
+    def rows(self, layer: int) -> np.ndarray:
+        return self.buffers[layer][: self._rows_written[layer]]
+
+    @property
+    def reached(self) -> int:
+        return self._reached
+
+    def _on_node(self, tensor: int, ask: bool) -> bool:
         # ctypes would swallow an exception raised here and return False, which silently stops the graph:
         # keep it and let the decode re-raise it.
         try:
             name = ctypes.string_at(tensor + _NAME_OFFSET)
             if ask:
-                return name in self._wanted
+                return not self._stopped and name in self._wanted
+            if self._stopped:
+                return False
             layer = self._wanted[name]
             if layer is not None:
                 self._copy_rows(tensor, layer)
-                if self._on_layer is not None and self._on_layer(layer, self.rows[layer][-1]):
-                    self.reached = layer + 1
+                if self.on_layer is not None and self._notify(layer):
+                    self._reached = layer + 1
+                    self._stopped = True
                     return False
-            return name != self._stop
+            self._stopped = name == self._stop
+            return not self._stopped
         except BaseException as exc:  # noqa: BLE001 - re-raised by Context.decode
             self.error = exc
+            self._stopped = True
             return False
 
     def _copy_rows(self, tensor: int, layer: int) -> None:
         t = _GGMLTensor.from_address(tensor)
-        if t.type != _GGML_TYPE_F32 or t.ne[0] != self.n_embd:
-            raise LlamaError(f"unexpected l_out-{layer} tensor: type {t.type}, shape {tuple(t.ne)}")
-        n_rows, row_bytes = t.ne[1], t.nb[1]
-        block = np.empty((n_rows, row_bytes // 4), dtype=np.float32)
-        if n_rows:
-            _ggml_backend_tensor_get(tensor, block.ctypes.data, 0, n_rows * row_bytes)
-        self.rows[layer].append(block[:, : self.n_embd])
+        row_bytes = self.n_embd * 4
+        if t.type != _GGML_TYPE_F32 or t.ne[0] != self.n_embd or t.nb[1] < row_bytes:
+            raise LlamaError(f"the eval callback found an unexpected tensor (not F32 rows of n_embd) at l_out-{layer}: "
+                             f"type {t.type}, shape {tuple(t.ne)}")
+        start, n_rows = self._rows_written[layer], t.ne[1]
+        into = self.buffers[layer][start : start + n_rows]
+        if len(into) != n_rows:
+            raise LlamaError(f"the eval callback found more rows than the decode has tokens at l_out-{layer}")
+        if t.nb[1] == row_bytes:
+            if n_rows:
+                _ggml_backend_tensor_get(tensor, into.ctypes.data, 0, n_rows * row_bytes)
+        else:
+            for row in range(n_rows):
+                _ggml_backend_tensor_get(tensor, into[row].ctypes.data, row * t.nb[1], row_bytes)
+        self._rows_written[layer] = start + n_rows
 
 
 # --- context -------------------------------------------------------------------------------------------
@@ -268,7 +471,12 @@ class ContextSettings:
     n_seq: int = 1  # sequences (documents) the context holds at once
     n_batch: int = 512  # tokens in one graph; a decode that may stop inside the graph must fit in one
     n_threads: int | None = None  # None: llama.cpp's default
-    tap: bool = True  # False: no eval callback at all (full-depth decodes only; the benchmarks' baseline)
+    # the eval callback: "c" or "python" (TAPS); None: the C tap where it was built; NO_TAP: none at all (full-depth
+    # decodes only, reading nothing: the benchmarks' plain baseline)
+    tap: str | None = None
+
+
+NO_TAP = "none"
 
 
 class Span(NamedTuple):
@@ -292,7 +500,8 @@ class Context(Owner):
         super().__init__()
         self.model = model
         self.settings = settings
-        self.tap = _LayerTap(model.n_embd)
+        tap = None if settings.tap == NO_TAP else {"c": _CTap, "python": _PythonTap}[choose_tap(settings.tap)]
+        self.tap: _Tap | None = tap(model.n_embd, model.n_layer) if tap is not None else None
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = settings.n_ctx
         params.n_batch = params.n_ubatch = min(settings.n_batch, settings.n_ctx)
@@ -307,8 +516,9 @@ class Context(Owner):
         params.swa_full = True  # removing and re-decoding text must not depend on a pruned sliding window
         if settings.n_threads:
             params.n_threads = params.n_threads_batch = settings.n_threads
-        if settings.tap:
+        if self.tap is not None:
             params.cb_eval = self.tap.callback
+            params.cb_eval_user_data = self.tap.user_data
         _recent_errors.clear()
         handle = llama_cpp.llama_init_from_model(model.handle, params)
         if not handle:
@@ -320,8 +530,8 @@ class Context(Owner):
         if lora is not None:
             # LLAMA_API int32_t llama_set_adapters_lora(struct llama_context * ctx, struct llama_adapter_lora ** adapters,
             #                                           size_t n_adapters, float * scales);
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora.handle)
-            if llama_cpp.llama_set_adapters_lora(handle, adapters, 1, (ctypes.c_float * 1)(lora.scale)) != 0:
+            adapters = _array(llama_cpp.llama_adapter_lora_p_ctypes, 1, lora.handle)
+            if llama_cpp.llama_set_adapters_lora(handle, adapters, 1, _array(ctypes.c_float, 1, lora.scale)) != 0:
                 raise LlamaError(f"llama.cpp could not apply the LoRA adapter {lora.path}: {_last_llama_error()}")
         self.lora = lora
         self._memory = llama_cpp.llama_get_memory(handle)
@@ -353,20 +563,24 @@ class Context(Owner):
             raise ValueError(f"depth must be in 1..{n_layer}, got {depth}")
         if any(not 0 <= layer < depth for layer in read_layers):
             raise ValueError(f"layers to read must be below the depth {depth}: {sorted(read_layers)}")
-        if not self.settings.tap and (depth != n_layer or read_layers):
+        if self.tap is None and (depth != n_layer or read_layers):
             raise ValueError("a context without the eval tap can only decode at full depth, reading nothing")
         if on_layer is not None and n_tokens > self.n_batch:
             raise ValueError(f"an early stop needs the tokens in one graph of at most {self.n_batch}, got {n_tokens}")
         outputs = n_layer - 1 in read_layers
-        self.tap.arm(read_layers, depth - 1, on_layer)
-        chunks = _chunks(spans, self.n_batch)
-        for chunk in chunks:
+        if self.tap is None:
+            for chunk in _chunks(spans, self.n_batch):
+                self._decode_chunk(chunk, outputs)
+            return Decoded({}, depth)
+        self.tap.arm(read_layers, depth - 1, on_layer, n_tokens)
+        for chunk in _chunks(spans, self.n_batch):
             self._decode_chunk(chunk, outputs)
-        missing = [layer for layer in read_layers if layer < self.tap.reached and len(self.tap.rows[layer]) != len(chunks)]
+        reached = self.tap.reached
+        rows = {layer: self.tap.rows(layer) for layer in read_layers if layer < reached}
+        missing = [layer for layer, read in rows.items() if len(read) != n_tokens]
         if missing:  # a graph that ended early without our say: never answer with part of the states
             raise LlamaError(f"llama.cpp ended the decode before layer {missing[0]} could be read")
-        rows = {layer: np.concatenate(blocks) for layer, blocks in self.tap.rows.items() if blocks}
-        return Decoded(rows, self.tap.reached)
+        return Decoded(rows, reached)
 
     def _decode_chunk(self, spans: list[Span], outputs: bool) -> None:
         batch, i = self._batch, 0
@@ -380,12 +594,14 @@ class Context(Owner):
                 i += 1
         batch.n_tokens = i
         _recent_errors.clear()
+        if self.tap is not None:
+            self.tap.start_graph()
         started = time.perf_counter()
         with _interrupts_held():
             status = llama_cpp.llama_decode(self._ctx, batch)
         self.decode_seconds += time.perf_counter() - started
-        if self.tap.error is not None:
-            raise self.tap.error
+        if self.tap is not None:
+            self.tap.check()
         if status != 0:
             raise LlamaError(f"llama_decode failed with status {status}: {_last_llama_error()}")
 

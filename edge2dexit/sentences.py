@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache
 from typing import Iterator
 
 from .errors import InputError
@@ -75,18 +75,7 @@ class Splitter:
         if self.kind not in SPLITTERS:
             raise InputError(f"unknown sentence splitter {self.kind!r}; choose one of {', '.join(SPLITTERS)}")
         if self.kind == "pysbd":
-            self._rules  # noqa: B018 - an unknown language fails here, not at the first text
-
-    @cached_property
-    def _rules(self) -> type:
-        """pysbd's rules for the language, with the numbered-reference pattern that cannot backtrack."""
-        from pysbd.languages import Language
-
-        try:
-            rules = Language.get_language_code(self.language)
-        except ValueError:
-            raise InputError(f"pysbd has no sentence rules for language {self.language!r}") from None
-        return type(rules.__name__, (rules,), {"NUMBERED_REFERENCE_REGEX": _NUMBERED_REFERENCE})
+            _pysbd_rules(self.language)  # an unknown language fails here, not at the first text
 
     def sentences(self, text: str) -> Iterator[str]:
         """The sentences of `text`, stripped, empty ones dropped, as far as they are pulled. HTML line breaks
@@ -114,7 +103,7 @@ class Splitter:
 
         # A segmenter of its own: pysbd keeps the text it reads on the segmenter, so sharing one is not thread-safe.
         segmenter = pysbd.Segmenter(language=self.language, clean=False, char_span=True)
-        segmenter.language_module = self._rules
+        segmenter.language_module = _pysbd_rules(self.language)
         start, window = 0, WINDOW
         while (start := _SPACE.match(text, start).end()) < len(text):  # white space between pieces is no sentence
             end = min(len(text), start + window)
@@ -131,6 +120,19 @@ class Splitter:
                 yield start, cut
                 start = cut
             window = WINDOW
+
+
+@cache
+def _pysbd_rules(language: str) -> type:
+    """pysbd's rules for `language`, with the numbered-reference pattern that cannot backtrack (made once per
+    language: a class is a reference cycle the garbage collector would collect for every splitter)."""
+    from pysbd.languages import Language
+
+    try:
+        rules = Language.get_language_code(language)
+    except ValueError:
+        raise InputError(f"pysbd has no sentence rules for language {language!r}") from None
+    return type(rules.__name__, (rules,), {"NUMBERED_REFERENCE_REGEX": _NUMBERED_REFERENCE})
 
 
 def _after_last_space(text: str, start: int, end: int) -> int:

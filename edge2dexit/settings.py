@@ -32,6 +32,7 @@ class EngineSettings:
     n_threads: int | None = None  # None: every core this process may use
     n_gpu_layers: int | None = None  # layers offloaded to a GPU build of llama.cpp; None: every layer there, else 0
     min_decode_tokens: int | None = None  # sentence-by-sentence reads read ahead this far (1: never); None: backend
+    tap: str | None = None  # the eval callback: "c" or "python" (llama.TAPS); None: the C tap where it was built
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be at least {least}, got {value}"

@@ -19,6 +19,7 @@ import pytest
 from edge2dexit.cache import HOME_ENV, cache_dir
 from edge2dexit.engine import Engine, EngineSettings
 from edge2dexit.errors import ModelError
+from edge2dexit.llama import TAPS
 from edge2dexit.models.registry import DEFAULT_MODEL, resolve_model
 
 from helpers import TASK_PROMPT, random_lora, tiny_convert
@@ -124,14 +125,15 @@ def lora_path(tmp_path_factory) -> Path:
     return random_lora(model_path(DEFAULT_MODEL), tmp_path_factory.mktemp("lora") / "lora.gguf")
 
 
-@pytest.fixture(scope="session", params=(*ENGINE_MODELS, WITH_LORA))
+@pytest.fixture(scope="session", params=[(name, tap) for name in (*ENGINE_MODELS, WITH_LORA) for tap in TAPS],
+                ids=lambda param: "-".join(param))
 def any_engine(request):
-    """A real engine on each small model, and on SmolLM2 through a LoRA adapter, shared by the tests of a session
-    (loading takes ~0.5 s)."""
-    name, lora = request.param, None
+    """A real engine on each small model, and on SmolLM2 through a LoRA adapter, each with the C and the Python
+    eval-callback tap, shared by the tests of a session (loading takes ~0.5 s)."""
+    (name, tap), lora = request.param, None
     if name == WITH_LORA:
         name, lora = DEFAULT_MODEL, request.getfixturevalue("lora_path")
-    with Engine.load(model_path(name), EngineSettings(n_ctx=1024), prompt=TASK_PROMPT, lora=lora) as engine:
+    with Engine.load(model_path(name), EngineSettings(n_ctx=1024, tap=tap), prompt=TASK_PROMPT, lora=lora) as engine:
         yield engine
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -113,17 +114,17 @@ def test_whole_text_is_one_plain_decode_of_the_token_stream(any_engine, referenc
     assert cos.min() > 0.998
 
 
-def test_callback_exception_is_raised_and_context_stays_usable(any_engine, reference, monkeypatch):
+def test_callback_exception_is_raised_and_context_stays_usable(any_engine, reference):
+    """A stop rule runs inside llama_decode, called from the eval callback: its exception (which ctypes would swallow,
+    silently stopping the graph) is raised once the decode returns."""
     tokens, ref = reference
 
-    def broken(tensor, layer):
+    def broken(layer, means):
         raise ZeroDivisionError("inside the eval callback")
 
     doc = any_engine.document()
-    with monkeypatch.context() as patch:
-        patch.setattr(any_engine.context.tap, "_copy_rows", broken)
-        with pytest.raises(ZeroDivisionError, match="inside the eval callback"):
-            any_engine.run(doc.append([tokens[0]], 4))
+    with pytest.raises(ZeroDivisionError, match="inside the eval callback"):
+        any_engine.run(doc.append([tokens[0]], 4, layers=[1], stop=broken))
     doc = any_engine.document()
     assert_exact([any_engine.run(doc.append([tokens[0]], 4))[0]], ref[:1], 4)
 
@@ -233,3 +234,46 @@ def test_an_engine_without_a_task_prompt(smollm2_path):
         assert engine.capacity == 256 - len(engine.prompt_tokens)
         (states,) = engine.run(engine.document().append([engine.tokenize("A fine film.")], 3, layers=[2]))
         assert states.means.shape == (1, engine.n_embd) and np.isfinite(states.means).all()
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m@q8_0", "gemma3-270m"])
+def test_the_c_and_the_python_tap_read_bit_identical_states(model_file, name):
+    """The two eval-callback taps copy the same rows from the same graph: every layer read, a stop rule that ends
+    the graph, and a depth-limited decode give equal arrays, bit for bit."""
+    from edge2dexit.llama import Context, ContextSettings, Model, Span
+
+    with Model(model_file(name)) as model:
+        tokens = model.tokenize(REVIEW, add_bos=True)
+        decoded = {}
+        for tap in ("c", "python"):
+            with Context(model, ContextSettings(512, 1, 512, tap=tap)) as context:
+                every = context.decode([Span(0, 0, tokens)], model.n_layer, range(model.n_layer))
+                context.remove(0)
+                seen = []
+                stopped = context.decode([Span(0, 0, tokens)], model.n_layer, [2, 5, 9],
+                                         on_layer=lambda layer, rows: seen.append((layer, rows.shape)) or layer == 5)
+                context.remove(0)
+                shallow = context.decode([Span(0, 0, tokens[:40]), Span(0, 40, tokens[40:])], 7, [6])
+                decoded[tap] = (every, stopped, shallow, seen)
+    for c, python in zip(decoded["c"][:3], decoded["python"][:3]):
+        assert c.depth == python.depth and c.rows.keys() == python.rows.keys()
+        for layer in c.rows:
+            np.testing.assert_array_equal(c.rows[layer], python.rows[layer])
+    assert decoded["c"][1].depth == 6 and decoded["c"][3] == decoded["python"][3] == [
+        (2, (len(tokens), model.n_embd)), (5, (len(tokens), model.n_embd))]
+
+
+def test_without_the_c_tap_the_python_tap_is_used_and_says_so_once(monkeypatch):
+    from edge2dexit import llama
+    from edge2dexit.errors import SettingsError
+
+    monkeypatch.setattr(llama, "_c_tap_module", lambda: None)
+    monkeypatch.setattr(llama, "_warned_no_c_tap", False)
+    with pytest.warns(RuntimeWarning, match="C eval-callback tap was not built"):
+        assert llama.choose_tap(None) == "python"
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert llama.choose_tap(None) == "python"
+    assert again == []
+    with pytest.raises(SettingsError, match="C tap was not built"):
+        llama.choose_tap("c")

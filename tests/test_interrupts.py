@@ -2,13 +2,14 @@
 interrupted", never a traceback; the records classify already wrote stay whole and `--resume` reads the rest; convert
 run again goes on from its feature store.
 
-Ctrl-C is raised where it lands in a real run: Python runs the signal handler at its next bytecode, which during a
-llama_decode is the eval callback copying a layer's rows; the tap keeps the KeyboardInterrupt and the decode
-re-raises it once llama.cpp has returned."""
+Ctrl-C is sent where it lands in a real run, during a llama_decode: the signal arrives while llama.cpp computes, the
+context holds it back and raises KeyboardInterrupt once llama.cpp has returned (a handler run inside the eval
+callback would stop the graph half way)."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from edge2dexit.bundle import load_bundle
 from edge2dexit.cli import app
 from edge2dexit.convert.features import extract
 from edge2dexit.engine import Engine, EngineSettings
-from edge2dexit.llama import _LayerTap
+from edge2dexit import llama
 from edge2dexit.sentences import Splitter
 from helpers import synthetic_reviews
 
@@ -36,24 +37,25 @@ TEXTS = [
 
 
 class Keyboard:
-    """Counts the documents engines start, and presses Ctrl-C in the first layer read once more than `after` of
-    them have started."""
+    """Counts the documents engines start, and presses Ctrl-C (a real SIGINT to this process) during the first
+    llama_decode once more than `after` of them have started."""
 
     def __init__(self, monkeypatch):
         self.started, self.after = 0, None
-        document, copy_rows = Engine.document, _LayerTap._copy_rows
+        document, decode = Engine.document, llama.llama_cpp.llama_decode
 
         def counting(engine, seq=1):
             self.started += 1
             return document(engine, seq)
 
-        def copying(tap, tensor, layer):
+        def pressed_while_decoding(ctx, batch):
+            status = decode(ctx, batch)
             if self.after is not None and self.started > self.after:
-                raise KeyboardInterrupt
-            copy_rows(tap, tensor, layer)
+                signal.raise_signal(signal.SIGINT)  # still inside llama.cpp's call, as far as Python is concerned
+            return status
 
         monkeypatch.setattr(Engine, "document", counting)
-        monkeypatch.setattr(_LayerTap, "_copy_rows", copying)
+        monkeypatch.setattr(llama.llama_cpp, "llama_decode", pressed_while_decoding)
 
 
 @pytest.fixture

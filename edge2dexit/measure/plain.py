@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..engine import PROMPT_SEQ, Engine
 from ..lifetime import Owner
-from ..llama import Context, ContextSettings, Span
+from ..llama import NO_TAP, Context, ContextSettings, Span
 
 
 class PlainReader(Owner):
@@ -16,7 +16,7 @@ class PlainReader(Owner):
         super().__init__()
         n_prompt = len(engine.prompt_tokens)
         settings = ContextSettings(engine.settings.n_ctx, 1, engine.context.n_batch, engine.context.settings.n_threads,
-                                   tap=False)
+                                   tap=NO_TAP)
         self.n_layer, self.n_prompt = engine.n_layer, n_prompt
         self.context = self._resources.enter_context(Context(engine.model, settings, engine.context.lora))
         self.context.decode([Span(PROMPT_SEQ, 0, engine.prompt_tokens)], self.n_layer, ())

@@ -3,7 +3,7 @@
 
 A row that cannot be read (a JSONL line that is not a JSON object) comes as a `Row` with its error and the reading
 goes on; a problem with the file itself (not UTF-8, a header that names a column twice, unreadable) ends the rows
-with one error row for the whole file.
+with one error row for the whole file. Messages name neither the file nor the line: the caller knows both.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ def rows(path: str | Path) -> Iterator[Row]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             delimiter = DELIMITERS.get(path.suffix.lower())
-            yield from (_jsonl_rows(path, f) if delimiter is None else _delimited_rows(path, f, delimiter))
+            yield from (_jsonl_rows(f) if delimiter is None else _delimited_rows(f, delimiter))
     except UnicodeDecodeError as exc:
-        yield Row(None, None, InputError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"))
+        yield Row(None, None, InputError(f"not UTF-8 text (byte {exc.start}); save it as UTF-8"))
     except (OSError, csv.Error) as exc:
-        yield Row(None, None, InputError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})"))
+        yield Row(None, None, InputError(f"cannot read it ({getattr(exc, 'strerror', None) or exc})"))
 
 
 def columns(path: str | Path) -> list[str] | None:
@@ -57,13 +57,13 @@ def columns(path: str | Path) -> list[str] | None:
         return None
 
 
-def _delimited_rows(path: Path, f, delimiter: str) -> Iterator[Row]:
+def _delimited_rows(f, delimiter: str) -> Iterator[Row]:
     csv.field_size_limit(sys.maxsize)  # reviews can exceed the 128 KiB default
     reader = csv.reader(f, delimiter=delimiter)
     header = next(reader, [])
     twice = sorted({name for name in header if header.count(name) > 1})
     if twice:
-        yield Row(None, None, InputError(f"{path}: its header names the column {twice[0]!r} more than once"))
+        yield Row(None, None, InputError(f"its header names the column {twice[0]!r} more than once"))
         return
     while True:
         start = reader.line_num + 1  # a quoted cell may span lines: the row is known by its first
@@ -74,7 +74,7 @@ def _delimited_rows(path: Path, f, delimiter: str) -> Iterator[Row]:
             yield Row(start, dict(zip(header, values + [None] * (len(header) - len(values)))))
 
 
-def _jsonl_rows(path: Path, f) -> Iterator[Row]:
+def _jsonl_rows(f) -> Iterator[Row]:
     for number, line in enumerate(f, start=1):
         if not line.strip():
             continue

@@ -1,12 +1,16 @@
-"""What several test modules share: texts, a tiny convert, synthetic heads and grids, a random LoRA adapter, a GGUF
-rewriter, and the rule by which two reads of one text must agree. Fixtures live in conftest.py; test modules
-import from here, never from each other."""
+"""What several test modules share: texts, the command line run as a user runs it, a tiny convert, synthetic heads
+and grids, a random LoRA adapter, a GGUF rewriter, and the rule by which two reads of one text must agree. Fixtures
+live in conftest.py; test modules import from here, never from each other."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter
 
-from edge2dexit.bundle import write_lora
+from edge2dexit.bundle import BaseModelRef, Bundle, write_lora
 from edge2dexit.convert.data import DataSettings
 from edge2dexit.convert.pipeline import convert
 from edge2dexit.convert.settings import ConvertSettings, TrainSettings
@@ -22,6 +26,7 @@ from edge2dexit.document import replay
 from edge2dexit.heads import ExitHead, ExitHeads, Pooling
 from edge2dexit.keys import Keys
 from edge2dexit.policies import make_policy
+from edge2dexit.sentences import Splitter
 from edge2dexit.settings import EngineSettings
 
 TASK_PROMPT = "Classify the sentiment of this movie review.\nReview:"
@@ -47,6 +52,61 @@ REVIEWS = [
     "The sets were colourful. I smiled a lot, and I would gladly see it again with my family.",
 ]
 TEXT = "The film runs two hours. I loved every minute of it. The acting was superb. A wonderful, moving story."
+# Decides early with the default bundle: a dozen short, plainly positive sentences (read to its end only if the
+# policy never becomes confident).
+EARLY = ("What a film. I loved it. The acting is superb. The story is moving. The music is lovely. Every scene is "
+         "beautiful. The cast is perfect. I laughed and cried. It is a masterpiece. I will watch it again. "
+         "Everyone should see it. Wonderful from start to end.")
+
+
+def mixed_reviews(n: int, seed: int = 0) -> list[str]:
+    """`n` short reviews of two to four sentences, positive, negative and mixed, from the sentences of REVIEWS and
+    the tiny convert's pools: many distinct texts that each read quickly."""
+    rng = random.Random(seed)
+    pool = sorted({s.strip() + "." for r in REVIEWS for s in r.split(".") if s.strip()} | {*GOOD, *BAD, *NEUTRAL})
+    return [" ".join(rng.sample(pool, rng.randint(2, 4))) for _ in range(n)]
+
+
+# --- the command line, run as a user runs it ----------------------------------------------------------------------
+
+# The installed entry point, beside this interpreter (what `pip install` puts on PATH).
+CLI = Path(sys.executable).parent / "edge2dexit"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def cli(*args: object, input: str | bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `edge2dexit ARGS` in a subprocess (with this test's environment: its EDGE2DEXIT_HOME); stdout and stderr
+    as text."""
+    done = subprocess.run([str(CLI), *map(str, args)], capture_output=True, timeout=timeout,
+                          input=input.encode() if isinstance(input, str) else input)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode("utf-8", "replace"),
+                                       done.stderr.decode("utf-8", "replace"))
+
+
+def bash(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a bash script (pipes, process substitution) with this test's environment; `$E` is the entry point."""
+    return subprocess.run(["bash", "-c", f"E={CLI}\n{script}"], capture_output=True, text=True, timeout=timeout)
+
+
+def json_records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def assert_exit(done: subprocess.CompletedProcess, code: int, *words: str, one_line: bool = True) -> None:
+    """The CLI's promise for a failure a user can act on: its documented exit code, no traceback, and (unless it is
+    a usage error, which typer frames in a box) one line on stderr holding `words`."""
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    if one_line:
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("edge2dexit: "), done.stderr
+    for word in words:
+        assert word in done.stderr, (word, done.stderr)
+
+
+def documented_exit_codes() -> dict[int, str]:
+    """The exit-code table of README's Reliability section: code -> meaning."""
+    section = README.read_text(encoding="utf-8").split("## Reliability", 1)[1]
+    return {int(code): meaning for code, meaning in re.findall(r"^\| (\d+) \| (.+?) \|$", section, re.MULTILINE)}
 
 
 # --- two reads of one text ------------------------------------------------------------------------------------
@@ -102,8 +162,10 @@ def synthetic_reviews(path, n_per_class=12, seed=0):
                 w.writerow([" ".join(sentences), label])
 
 
-def tiny_convert(root, model, **settings):
-    """Convert two dozen synthetic reviews under `root` (a few seconds; `settings` adds to the ConvertSettings)."""
+def tiny_convert(root, model, lexical=False, **settings):
+    """Convert two dozen synthetic reviews under `root` (a few seconds; `settings` adds to the ConvertSettings).
+    Without a lexical exit unless asked: on these reviews the words alone decide everything, and most tests are
+    about what the LLM reads."""
     data = root / "reviews.csv"
     synthetic_reviews(data)
     # The split and learning rate this test was written with (the defaults became 0.5/0.25/0.25 and 3e-4, which on
@@ -115,6 +177,7 @@ def tiny_convert(root, model, **settings):
         out=root / "bundle",
         head=TrainSettings(kind="linear", epochs=30, seed=0, lr=1e-3), tolerance=0.05,
         engine=EngineSettings(n_ctx=512),
+        lexical=lexical,
         **settings,
     ))
 
@@ -151,6 +214,71 @@ def run(name, P, tokens, min_decode_tokens=1, **params):
     policy = make_policy(name, all_heads(n_layer), n_layer, params)
     sentences = [range(n) for n in tokens]  # stand-ins of the right lengths
     return replay(lambda doc: policy.read(doc, sentences), np.log(P).astype(np.float32), tokens, min_decode_tokens)
+
+
+# --- bundles made in code (no LLM) ------------------------------------------------------------------------------
+
+SHA = "a5fd3b62" + "0" * 56
+D = 16
+
+
+def make_heads(rng, pooling, labels, layers, kind):
+    sizes = [D, 8, len(labels)] if kind == "mlp" else [D, len(labels)]
+    return ExitHeads(pooling, labels, {
+        layer: ExitHead(
+            layer, kind,
+            (rng.normal(size=D) * 100).astype(np.float32), rng.uniform(1, 50, size=D).astype(np.float32),
+            tuple((rng.normal(size=(o, i)).astype(np.float32), rng.normal(size=o).astype(np.float32))
+                  for i, o in zip(sizes, sizes[1:])))
+        for layer in layers})
+
+
+def make_bundle(kind="mlp", labels=("neg", "pos")):
+    rng = np.random.default_rng(0)
+    return Bundle(
+        base=BaseModelRef("smollm2-135m", SHA, "llama", 6, D),
+        labels=labels,
+        task_prompt="Classify the sentiment of this review:",
+        splitter=Splitter("regex", "en"),
+        heads={"sentence": make_heads(rng, "sentence", labels, [1, 3, 5], kind),
+               "prefix": make_heads(rng, "prefix", labels, [2, 4], kind)},
+        policies={"prefix-mean": {"layer": 4, "threshold": 0.25, "min_sentences": 3}, "full": {}},
+        default_policy="prefix-mean",
+        calibration={"frontier": [[0.91, 2.5], [0.9, 3.1]], "chosen": 1},
+        head_kind=kind,
+        head_hidden=8 if kind == "mlp" else 0,
+    )
+
+
+GOOD_WORDS = ("wonderful", "superb", "moving", "brilliant", "Loved", "great", "délicieux", "素晴らしい")
+BAD_WORDS = ("dreadful", "boring", "pointless", "awful", "Hated", "waste", "ennuyeux", "退屈")
+FILLER = ("the film", "a story", "the cast", "on Tuesday", "<br />", "it was", "l'acteur", "two hours", "a", "I")
+
+
+def lexical_corpus(n: int, seed: int = 0, n_classes: int = 2) -> tuple[list[str], list[int]]:
+    """Short reviews whose words mostly decide their class (class 2, if asked for, is neutral filler), with what a
+    real corpus throws at an analyzer: case, accents, other scripts, HTML breaks, CRLF, one-letter words."""
+    rng = np.random.default_rng(seed)
+    pools = (BAD_WORDS, GOOD_WORDS, FILLER)[:n_classes]
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(rng.integers(n_classes))
+        words = list(rng.choice(FILLER, 3)) + list(rng.choice(pools[label], 2)) + list(rng.choice(pools[
+            int(rng.integers(n_classes))], 1))
+        rng.shuffle(words)
+        texts.append(" ".join(words[:3]) + ".\r\n" + " ".join(words[3:]).upper() + "!")
+        labels.append(label)
+    return texts, labels
+
+
+def with_lexical(bundle, thresholds=None):
+    """`bundle` with a lexical head fitted on `lexical_corpus` and its thresholds (default: 0.8 for every policy)."""
+    from edge2dexit.lexical import fit_lexical
+
+    texts, labels = lexical_corpus(200, n_classes=len(bundle.labels))
+    head = fit_lexical(texts, labels, len(bundle.labels))
+    return dataclasses.replace(bundle, lexical=head,
+                               lexical_thresholds=thresholds or dict.fromkeys(bundle.policies, 0.8))
 
 
 # --- files ----------------------------------------------------------------------------------------------------

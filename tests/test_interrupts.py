@@ -60,7 +60,11 @@ class Keyboard:
 
 @pytest.fixture
 def keyboard(monkeypatch):
-    return Keyboard(monkeypatch)
+    """Ctrl-C raises KeyboardInterrupt here, as in a terminal: a shell starts a background job (pytest run with `&`,
+    under nohup, by some CI runners) with SIGINT ignored, and a raised SIGINT would then be lost."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield Keyboard(monkeypatch)
+    signal.signal(signal.SIGINT, previous)
 
 
 def invoke(args: list[str]):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,10 @@ from typer.testing import CliRunner
 
 import edge2dexit
 from edge2dexit.bundle import EXITS_FILE, load_bundle
+from edge2dexit.cache import HOME_ENV
 from edge2dexit.classifier import DEFAULT_BUNDLE
 from edge2dexit.cli import app
-from edge2dexit.errors import BundleError
+from edge2dexit.errors import BundleError, ModelError
 from edge2dexit.keys import Keys
 from helpers import rewrite
 
@@ -41,7 +44,24 @@ def no_network(monkeypatch):
     assert not attempts
 
 
-def test_classify_opens_no_socket(no_network, tmp_path):
+@pytest.fixture
+def no_subprocess(monkeypatch):
+    """Starting any program fails the test: the only way edge2dexit downloads is `pip download` in a subprocess
+    (models/wheels.py), so a run that starts none downloads nothing."""
+    started = []
+
+    def refuse(*args, **kwargs):
+        started.append(args)
+        raise AssertionError(f"a subprocess at run time: {args}")
+
+    for name in ("Popen", "run", "call", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, name, refuse)
+    monkeypatch.setattr(os, "system", refuse)
+    yield started
+    assert not started
+
+
+def test_classify_opens_no_socket_and_starts_no_program(no_network, no_subprocess, tmp_path):
     from edge2dexit import Classifier, EngineSettings
 
     with Classifier(settings=EngineSettings(n_ctx=256, width=2)) as clf:
@@ -51,6 +71,24 @@ def test_classify_opens_no_socket(no_network, tmp_path):
     review.write_text(REVIEW)
     result = CliRunner().invoke(app, ["classify", str(review), "--json", "--n-ctx", "256"])
     assert result.exit_code == 0, result.output
+
+
+def test_classify_never_downloads_a_model_missing_from_the_cache(no_network, no_subprocess, tmp_path, monkeypatch):
+    """The classifier resolves its base model without pulling: a model missing from the cache is a ModelError that
+    says how to pull it, from the library and from the CLI (exit 4), and no download starts."""
+    from edge2dexit import Classifier
+    from edge2dexit.models.registry import DEFAULT_MODEL
+
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "empty-home"))
+    with pytest.raises(ModelError, match=f"run `edge2dexit models pull {DEFAULT_MODEL}`"):
+        Classifier()
+    review = tmp_path / "review.txt"
+    review.write_text(REVIEW)
+    result = CliRunner().invoke(app, ["classify", str(review)])
+    assert result.exit_code == 4, result.output
+    assert result.stderr == f"edge2dexit: model {DEFAULT_MODEL} is not downloaded; run `edge2dexit models pull " \
+                            f"{DEFAULT_MODEL}`\n"
+    assert not any((tmp_path / "empty-home").rglob("*.gguf"))
 
 
 def test_eval_opens_no_socket(no_network, tmp_path):

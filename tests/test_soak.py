@@ -4,12 +4,16 @@ is what `edge2dexit bench soak` measures (the figures go in the notes)."""
 
 from __future__ import annotations
 
+import os
+import resource
+
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from edge2dexit.cli import app
 from edge2dexit.engine import EngineSettings
-from edge2dexit.measure.soak import Phase, soak, soak_texts
+from edge2dexit.measure.soak import Phase, sample, soak, soak_texts
 
 pytestmark = pytest.mark.llama
 
@@ -21,11 +25,30 @@ def report():
 
 @pytest.mark.parametrize("run, count", [("documents", 30), ("cycles", 5)])
 def test_each_run_samples_start_middle_and_end(report, run, count):
+    """Three samples at the marks, each a figure of this process in MiB: never above the peak the kernel counted
+    for it (getrusage), and above what an interpreter with llama.cpp and a model loaded can take up (a figure
+    read in KiB or bytes and mislabelled would fail one bound or the other)."""
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     phase = getattr(report, run)
     assert isinstance(phase, Phase) and phase.name == run
     assert [phase.start.done, phase.middle.done, phase.end.done] == [1, (count + 1) // 2, count]
     for s in (phase.start, phase.middle, phase.end):
-        assert s.rss_mib > 0 and s.fds > 0
+        assert 50 < s.rss_mib <= peak_mib and s.fds >= 3
+
+
+def test_a_sample_sees_memory_and_descriptors_that_grow():
+    """What a leak looks like to the soak: 64 MiB held and 8 files left open between two samples show up as such."""
+    before = sample(0)
+    held = np.ones(64 << 20, dtype=np.uint8)  # written, so resident
+    files = [open(os.devnull) for _ in range(8)]
+    try:
+        after = sample(1)
+    finally:
+        for f in files:
+            f.close()
+    assert after.fds - before.fds == 8
+    assert 60 <= after.rss_mib - before.rss_mib <= 70, (before, after)
+    del held
 
 
 @pytest.mark.parametrize("run", ["documents", "cycles"])

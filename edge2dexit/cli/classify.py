@@ -36,6 +36,14 @@ def classify(
     lines: bool = typer.Option(False, "--lines", help="Standard input holds one text per line (blank lines are "
                                                       "skipped)."),
     truncate: bool = typer.Option(False, "--truncate", help="Read only what fits the context instead of failing."),
+    lexical: bool = typer.Option(True, "--lexical/--no-lexical", help="Let the bundle's lexical exit answer where "
+                                 "the words alone decide (where the bundle has one)."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", min=0.0, max=1.0, help="Answer 'unsure' where "
+                                              "the answer is not sure enough for the error among the answered texts "
+                                              "to stay within this rate (calibrated: 0.01, 0.02, 0.05, 0.1)."),
+    coverage: Optional[float] = typer.Option(None, "--coverage", min=0.0, max=1.0, help="Give the labels that "
+                                             "cannot be ruled out: a set holding the true label this often "
+                                             "(calibrated: 0.8, 0.9, 0.95)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Read each text alone, so that its result "
                                        "never depends on the texts read beside it (--width 1; see the README's "
                                        "Reliability section for what sharing decodes changes and what it saves)."),
@@ -56,8 +64,8 @@ def classify(
     items = [item for item in iter_items(inputs, text_column, id_column, lines) if item.id not in done]
     settings = engine_settings(n_ctx, 1 if deterministic else width, threads, gpu_layers)
     failure = 0
-    with _sink(output) as sink, Classifier(bundle, model=model, policy=policy, settings=settings,
-                                           truncate=truncate) as clf:
+    with _sink(output) as sink, Classifier(bundle, model=model, policy=policy, settings=settings, truncate=truncate,
+                                           lexical=lexical, max_error=max_error, coverage=coverage) as clf:
         n_layer = clf.engine.n_layer
         progress = tqdm(total=len(items), unit="text", disable=output is None or None, leave=False)
         for item, outcome in _outcomes(clf, items, ordered):
@@ -71,14 +79,23 @@ def classify(
             if as_json or output is not None:
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             elif not isinstance(outcome, Edge2DExitError):
-                total = "?" if outcome.sentences_total is None else outcome.sentences_total
-                sink.write(
-                    f"{item.id}: {outcome.label} ({outcome.scores[outcome.label]:.2f})  read "
-                    f"{outcome.sentences_read}/{total} sentences, exit at layer {outcome.exit_layer + 1}/{n_layer} "
-                    f"[{outcome.policy}], {outcome.token_layers} token-layers, {outcome.seconds:.2f} s"
-                    + ("  (truncated)" if outcome.truncated else "") + "\n")
+                sink.write(f"{item.id}: {_readable(outcome, n_layer)}\n")
         progress.close()
     raise typer.Exit(failure)
+
+
+def _readable(result, n_layer: int) -> str:
+    """One result as a line: the label ("unsure" where the classifier abstained, its best guess beside it), where
+    reading stopped, what it cost."""
+    guess = f"{result.label} ({result.scores[result.label]:.2f})"
+    answer = f"unsure (best guess {guess})" if result.abstained else guess
+    if result.prediction_set is not None:
+        answer += f"  could be: {', '.join(result.prediction_set)}"
+    total = "?" if result.sentences_total is None else result.sentences_total
+    where = ("the words alone decided" if result.lexical else
+             f"read {result.sentences_read}/{total} sentences, exit at layer {result.exit_layer + 1}/{n_layer}")
+    return (f"{answer}  {where} [{result.policy}], {result.token_layers} token-layers, {result.seconds:.2f} s"
+            + ("  (truncated)" if result.truncated else ""))
 
 
 def _outcomes(clf, items: list[Item], ordered: bool) -> Iterator[tuple[Item, object]]:
@@ -122,6 +139,7 @@ class _Sink:
 
     def __init__(self, stream: TextIO, name: str):
         self.stream, self.name = stream, name
+        self.failed = False  # a write failed: what it left in the stream's buffer cannot be written either
 
     def write(self, text: str) -> None:
         try:
@@ -130,7 +148,16 @@ class _Sink:
         except BrokenPipeError:
             raise
         except OSError as exc:
+            self.failed = True
             raise OutputError(f"cannot write to {self.name}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        """Close the file; its last flush failing again after a failed write is that same failure, already said."""
+        try:
+            self.stream.close()
+        except OSError as exc:
+            if not self.failed:
+                raise OutputError(f"cannot write to {self.name}: {exc.strerror or exc}") from None
 
 
 @contextmanager
@@ -149,11 +176,13 @@ def _sink(output: Path | None) -> Iterator[_Sink]:
         stream = open(output, "a", encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write to {output}: {exc.strerror or exc}") from None
-    with stream:
-        sink = _Sink(stream, str(output))
+    sink = _Sink(stream, str(output))
+    try:
         if cut_short:
             sink.write("\n")
         yield sink
+    finally:
+        sink.close()
 
 
 def _recorded_ids(output: Path) -> set[str]:

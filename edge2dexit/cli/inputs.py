@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import BinaryIO, Iterator, NamedTuple
 
 from .. import tables
 from ..errors import Edge2DExitError, InputError
@@ -31,17 +31,33 @@ def read_text(source: str) -> str:
     """The text of a file, a pipe or a device (`<(cmd)`, /dev/stdin), or of standard input for "-"; InputError
     for what is missing, a directory or not text. Messages name no source: the caller puts its name in front."""
     if source == "-":
-        return decode_text(sys.stdin.buffer.read())
+        return decode_text(_read_until_binary(sys.stdin.buffer))
     path = Path(source)
     if path.is_dir():
         raise InputError("is a directory (classify reads the *.txt files below it only when named as an input)")
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = _read_until_binary(f)
     except FileNotFoundError:
         raise InputError("no such file" + (" (a broken symbolic link)" if path.is_symlink() else "")) from None
     except OSError as exc:
         raise InputError(f"cannot read it ({exc.strerror or exc})") from None
     return decode_text(raw)
+
+
+_CHUNK = 1 << 20
+
+
+def _read_until_binary(stream: BinaryIO) -> bytes:
+    """Everything `stream` holds, or what it held up to the first chunk with a NUL byte, which `decode_text` then
+    refuses as binary (or as UTF-16 or UTF-32, by its byte-order mark): a device that never ends (/dev/zero,
+    /dev/urandom) is refused at once instead of being read until memory runs out."""
+    chunks = []
+    while chunk := stream.read(_CHUNK):
+        chunks.append(chunk)
+        if b"\x00" in chunk:
+            break
+    return b"".join(chunks)
 
 
 def text_of(source: str) -> str:
@@ -75,7 +91,8 @@ def _read(source: str) -> Item:
 
 def _directory(source: str) -> Iterator[Item]:
     """Every *.txt file below `source`, in name order, following symbolic links to directories (each directory
-    once); a broken link whose name ends in .txt is an error item, not a silent skip."""
+    once); a broken link whose name ends in .txt is an error item, not a silent skip, and so is a pipe or a device
+    (named on the command line, one is read; found in a directory, it is no text file)."""
     found = []
     seen = set()
     for top, directories, files in os.walk(source, followlinks=True):
@@ -89,7 +106,11 @@ def _directory(source: str) -> Iterator[Item]:
     if not found:
         yield Item(source, None, InputError(f"a directory with no *{TEXT_SUFFIX} files below it"))
     for file in sorted(found):
-        yield _read(file)
+        if os.path.exists(file) and not os.path.isfile(file):  # opening a pipe nobody writes to would wait forever
+            yield Item(file, None, InputError("is not a regular file (a pipe, socket or device): name it as an "
+                                              "input of its own to read it"))
+        else:
+            yield _read(file)
 
 
 def _stdin_lines() -> Iterator[Item]:
@@ -123,3 +144,4 @@ def _table_rows(path: Path, column: str, id_column: str | None) -> Iterator[Item
             yield Item(item_id, None, InputError(f"{column!r} holds {found}, not text"))
             continue
         yield Item(item_id, value)
+

@@ -24,7 +24,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -130,12 +130,13 @@ class Engine(Owner):
             return None
         return self._decode([request])[0]
 
-    def run_many(self, jobs: Iterable[tuple[K, Callable[[Document], Reading[T]]]]) -> Iterator[Finished[K, T]]:
-        """Continuous batching: run `reading(doc)` for every (key, reading) job with up to `width` documents in
-        flight, yielding each as it finishes (not in job order). A reading that raises ends as an error; a failed
-        llama.cpp decode ends every reading it carried; the others go on."""
+    def run_many(self, jobs: Iterable[tuple[K, Callable[[Document], Reading[T]]]],
+                 sequences: Sequence[int] | None = None) -> Iterator[Finished[K, T]]:
+        """Continuous batching: run `reading(doc)` for every (key, reading) job with a document in flight on each of
+        `sequences` (default: all of 1..width), yielding each as it finishes (not in job order). A reading that
+        raises ends as an error; a failed llama.cpp decode ends every reading it carried; the others go on."""
         jobs = iter(jobs)
-        free = list(range(self.settings.width, 0, -1))
+        free = sorted(sequences or range(1, self.settings.width + 1), reverse=True)
         in_flight: dict[int, _InFlight] = {}
         while True:
             while free and (job := next(jobs, None)) is not None:

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-import numpy as np
+from . import native  # noqa: F401  (first: llama.cpp loaded before numpy, with OpenMP's threads sleeping)
 
-import llama_cpp
-from llama_cpp._ggml import libggml
+import numpy as np  # noqa: E402
+
+import llama_cpp  # noqa: E402
+from llama_cpp._ggml import libggml  # noqa: E402
 
 from .errors import LlamaError, ModelError, SettingsError
 from .keys import Keys, layer_output
@@ -238,6 +240,11 @@ def _c_tap_module():
     except ImportError:
         return None
     return _tap
+
+
+def available_taps() -> tuple[str, ...]:
+    """The taps this installation can use."""
+    return tuple(tap for tap in TAPS if tap != "c" or _c_tap_module() is not None)
 
 
 def choose_tap(wanted: str | None) -> str:

@@ -1,15 +1,16 @@
 """How an engine reads: context size, documents in flight, threads, GPU offload, reading ahead. Kept apart from the
 engine so that the CLI can build its options from these defaults without loading llama.cpp.
 
-A setting left at None is chosen for the backend llama.cpp was built with (`for_backend`), from measurements:
+A setting left at None is chosen for the backend llama.cpp was built with (`for_backend`):
 - `n_gpu_layers`: every layer where llama.cpp can offload to a GPU, else 0;
-- `min_decode_tokens`: on the CPU, sentence-by-sentence reads wait until a decode holds 64 tokens, because a smaller
-  decode takes a row-by-row attention kernel there, 1.7–2.8× slower per token (docs/llama-cpp.md §9); on a GPU a
-  small decode costs a kernel launch per node rather than per token, and reading a sentence as soon as it is asked
-  for is the faster path (docs/llama-cpp.md §10);
 - `width` (documents in flight in `classify_many`): 1 on the CPU, where sharing decodes gained 0.9–1.4× depending
-  on the CPU (docs/llama-cpp.md §5), and GPU_WIDTH on a GPU, whose throughput grows with the batch until about
-  there (BENCHMARKS.md §7).
+  on the CPU (docs/llama-cpp.md §5), and GPU_WIDTH on a GPU, where prefix-mean's documents per second grew with the
+  width up to 32 and fell at 64 (docs/llama-cpp.md §10, measured with the Python tap on an H200).
+
+Reading ahead (`min_decode_tokens`): sentence-by-sentence reads wait until a decode holds 64 tokens, because on
+the CPU a smaller decode takes a row-by-row attention kernel, 1.7–2.8× slower per token (docs/llama-cpp.md §9). On a
+GPU, where a small decode costs about as much as a larger one, reading ahead should cost nothing; it has not been
+measured there yet (docs/llama-cpp.md §10), so the CPU's figure stands for both.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from .document import MIN_DECODE_TOKENS
 from .errors import SettingsError
 
 GPU_WIDTH = 32
-GPU_MIN_DECODE_TOKENS = 1
 EVERY_LAYER = 1 << 30  # llama.cpp offloads min(n_gpu_layers, layers + 1)
 
 
@@ -31,7 +31,7 @@ class EngineSettings:
     n_batch: int = 2048  # tokens in one graph; a decode that may stop inside the graph must fit in one
     n_threads: int | None = None  # None: every core this process may use
     n_gpu_layers: int | None = None  # layers offloaded to a GPU build of llama.cpp; None: every layer there, else 0
-    min_decode_tokens: int | None = None  # sentence-by-sentence reads read ahead this far (1: never); None: backend
+    min_decode_tokens: int = MIN_DECODE_TOKENS  # sentence-by-sentence reads read ahead this far (1: never)
     tap: str | None = None  # the eval callback: "c" or "python" (llama.TAPS); None: the C tap where it was built
 
     def __post_init__(self) -> None:
@@ -50,5 +50,4 @@ class EngineSettings:
             self,
             width=self.width or (GPU_WIDTH if gpu else 1),
             n_gpu_layers=self.n_gpu_layers if self.n_gpu_layers is not None else (EVERY_LAYER if gpu else 0),
-            min_decode_tokens=self.min_decode_tokens or (GPU_MIN_DECODE_TOKENS if gpu else MIN_DECODE_TOKENS),
         )

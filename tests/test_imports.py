@@ -5,6 +5,7 @@ llama.cpp only in a command that reads a model; the runtime nothing of `measure`
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -79,3 +80,68 @@ def test_the_runtime_imports_nothing_from_measure_or_convert():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def first_imported(command: str, *modules: str) -> list[str]:
+    """`modules` in the order a fresh interpreter first imports them while running `command` (an audit hook sees
+    every import)."""
+    code = "\n".join([
+        "import sys",
+        "order = []",
+        f"watched = {modules!r}",
+        "sys.addaudithook(lambda event, args: event == 'import' and args[0] in watched and args[0] not in order"
+        " and order.append(args[0]))",
+        "try:",
+        *(f"    {line}" for line in command.splitlines()),
+        "finally:",
+        "    print('imported:', *order)",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()[-1].split()[1:]
+
+
+@pytest.mark.parametrize("argv", [
+    ["classify", "edge2dexit/models/sample_review.txt", "--n-ctx", "512"],
+    ["bench", "soak", "--docs", "3", "--cycles", "3"],
+])
+def test_commands_that_read_a_model_load_llama_cpp_before_numpy(argv):
+    """On a CUDA build a process that loaded numpy first crashes as it loads a model (docs/llama-cpp.md §10): the
+    CLI loads llama.cpp's libraries first."""
+    command = f"sys.argv = ['edge2dexit', *{argv!r}]\nfrom edge2dexit.cli import main\ntry:\n    main()\n" \
+              "except SystemExit as exit:\n    assert exit.code in (0, None), exit.code"
+    assert first_imported(command, "numpy", "llama_cpp") == ["llama_cpp", "numpy"]
+
+
+def test_asking_the_package_for_a_classifier_loads_llama_cpp_before_numpy():
+    assert first_imported("from edge2dexit import Classifier", "numpy", "llama_cpp") == ["llama_cpp", "numpy"]
+
+
+@pytest.mark.llama
+def test_a_process_that_imported_numpy_and_pandas_first_classifies():
+    """The order a Ray worker, a notebook or an application may well have. It crashes on a CUDA build of llama.cpp
+    (docs/llama-cpp.md §10, cause not found yet); everywhere else it must classify."""
+    from edge2dexit.llama import gpu_offload
+
+    if gpu_offload():
+        pytest.xfail("numpy loaded before llama.cpp crashes a CUDA build as it loads a model (docs/llama-cpp.md §10)")
+    code = ("import numpy, pandas\n"
+            "from edge2dexit import Classifier\n"
+            "from edge2dexit.settings import EngineSettings\n"
+            "with Classifier(settings=EngineSettings(n_ctx=512)) as clf:\n"
+            "    print(clf.classify('A wonderful film. I loved every minute of it.').label)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "positive"
+
+
+@pytest.mark.parametrize("preset, expected", [({}, "1000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                             ({"OMP_WAIT_POLICY": "ACTIVE"}, "unset")])
+def test_llama_cpp_loads_with_openmp_threads_that_spin_briefly_unless_the_user_said_otherwise(preset, expected):
+    """libgomp reads its settings once, when llama.cpp loads it (native.py, docs/llama-cpp.md §11)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | preset
+    code = ("import os, sys, edge2dexit.llama; assert 'llama_cpp' in sys.modules; "
+            "print(os.environ.get('GOMP_SPINCOUNT', 'unset'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

@@ -1,11 +1,39 @@
-"""The `edge2dexit` command: a small typer app over the library (`app` holds the apps and the error rule;
-each command lives in the module named after it)."""
+"""The `edge2dexit` command: a small typer app over the library (`app` holds the apps and the error rule; each
+command lives in the module named after it, which registers it on `app` when imported).
+
+`main` loads llama.cpp's libraries before anything imports numpy when the command may read a model: on a CUDA build
+of llama.cpp, a process that loaded numpy first crashes as it loads a model (docs/llama-cpp.md §10). Help and
+`models list` read no model and never load llama.cpp (on a CUDA build that would start the GPU)."""
 
 from __future__ import annotations
 
-from . import bench, classify, convert, evaluate, models, ray  # noqa: F401  (each registers its commands on `app`)
-from .app import app
+import importlib
+import sys
+from typing import Any
+
+COMMANDS = ("bench", "classify", "convert", "evaluate", "models", "ray", "serve")
 
 
 def main() -> None:
-    app()
+    if _may_read_a_model(sys.argv[1:]):
+        from .. import native  # noqa: F401  (llama.cpp before numpy: see the module docstring)
+    _app()()
+
+
+def _may_read_a_model(argv: list[str]) -> bool:
+    return bool(argv) and "--help" not in argv and argv[:2] != ["models", "list"]
+
+
+def _app():
+    for name in COMMANDS:
+        importlib.import_module(f".{name}", __name__)
+    from .app import app
+
+    globals()["app"] = app  # importing the submodule `app` bound its name here to the module
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # `from edge2dexit.cli import app` (tests, embedding): every command registered
+        return _app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,10 +27,12 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, ReaderTensor
 
 from . import keys
 from .cache import sha256_file
-from .errors import BundleError, InputError
+from .errors import BundleError, InputError, SettingsError
 from .files import replacing
 from .heads import ExitHead, ExitHeads
 from .keys import Key, Keys
+from .lexical import LexicalHead
+from .trust import Trust
 from .models.gguf_file import check_gguf
 from .sentences import Splitter
 
@@ -85,6 +87,10 @@ class Bundle:
     head_kind: str
     head_hidden: int  # 0 for linear heads
     lora: LoraRef | None = None  # the adapter applied to the base model, when the bundle was fine-tuned
+    lexical: LexicalHead | None = None  # the exit on the words alone, before any layer
+    # per policy: the lexical head answers when its top probability is at least this (None, or absent: never)
+    lexical_thresholds: dict[str, float | None] = field(default_factory=dict)
+    trust: Trust | None = None  # abstention margins and prediction-set thresholds of one policy
     directory: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +126,36 @@ class Bundle:
         if self.default_policy not in self.policies:
             raise BundleError(f"default policy {self.default_policy!r} is not among the bundle's policies "
                               f"({', '.join(self.policies) or 'none'})")
+        self._check_lexical()
+        if self.trust is not None and self.trust.policy not in self.policies:
+            raise BundleError(f"the trust record is for the policy {self.trust.policy!r}, which the bundle lacks")
+
+    def trust_for(self, policy: str) -> Trust:
+        """The abstention margins and prediction-set thresholds calibrated for `policy` (SettingsError: none)."""
+        if self.trust is None:
+            raise SettingsError("this bundle has no calibrated abstention or prediction sets: convert it again "
+                                "with this edge2dexit")
+        if self.trust.policy != policy:
+            raise SettingsError(f"abstention and prediction sets were calibrated for the {self.trust.policy} policy "
+                                f"of this bundle, not {policy}")
+        return self.trust
+
+    def _check_lexical(self) -> None:
+        if self.lexical is not None and self.lexical.n_classes != len(self.labels):
+            raise BundleError(f"the lexical head has {self.lexical.n_classes} classes, the bundle "
+                              f"{len(self.labels)} labels")
+        if self.lexical_thresholds and self.lexical is None:
+            raise BundleError("the bundle has lexical thresholds but no lexical head")
+        for policy, threshold in self.lexical_thresholds.items():
+            if policy not in self.policies:
+                raise BundleError(f"a lexical threshold is given for {policy!r}, which is not a policy of the bundle")
+            if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+                raise BundleError(f"the lexical threshold of {policy} must be a probability or null, got "
+                                  f"{threshold!r}")
+
+    def lexical_threshold(self, policy: str) -> float | None:
+        """The top lexical probability at or above which the words alone answer for `policy` (None: never)."""
+        return self.lexical_thresholds.get(policy)
 
     def _check_heads(self, pooling: str, heads: ExitHeads) -> None:
         _check_pooling(pooling)
@@ -199,7 +235,7 @@ def _metadata(bundle: Bundle) -> list[tuple[Key, Any]]:
         (Keys.General.TYPE, keys.GENERAL_TYPE_ADAPTER),
         (Keys.Adapter.TYPE, keys.ADAPTER_TYPE_EDGE2DEXIT),
         (Keys.General.NAME, f"edge2dexit exits for {base.name or base.architecture}"),
-        (e.FORMAT_VERSION, keys.LORA_FORMAT_VERSION if bundle.lora else keys.OLDEST_FORMAT_VERSION),
+        (e.FORMAT_VERSION, _format_version(bundle)),
         (e.BASE_NAME, base.name),
         (e.BASE_SHA256, base.sha256),
         (e.BASE_ARCHITECTURE, base.architecture),
@@ -216,23 +252,42 @@ def _metadata(bundle: Bundle) -> list[tuple[Key, Any]]:
         (e.DEFAULT_POLICY, bundle.default_policy),
         (e.CALIBRATION, json.dumps(bundle.calibration) if bundle.calibration else ""),
     ]
-    if bundle.lora is not None:
-        items += [(e.LORA_FILE, bundle.lora.file), (e.LORA_SHA256, bundle.lora.sha256)]
+    version = _format_version(bundle)
+    if version >= keys.LORA_FORMAT_VERSION:
+        lora = bundle.lora or LoraRef("", "")  # version 4 names no adapter with empty strings
+        items += [(e.LORA_FILE, lora.file), (e.LORA_SHA256, lora.sha256)]
+    if version >= keys.LEXICAL_FORMAT_VERSION:
+        items += [(e.LEXICAL_ANALYZER, bundle.lexical.analyzer if bundle.lexical else ""),
+                  (e.LEXICAL_THRESHOLDS, json.dumps(bundle.lexical_thresholds)),
+                  (e.TRUST, json.dumps(bundle.trust.to_json()) if bundle.trust else "")]
     items += [(Keys.exit_layers(p), list(h.layers)) for p, h in bundle.heads.items()]
     items += [(Keys.policy(name), json.dumps(params)) for name, params in bundle.policies.items()]
     return items
 
 
+def _format_version(bundle: Bundle) -> int:
+    """The oldest format that carries everything `bundle` has."""
+    if bundle.lexical is not None or bundle.trust is not None:
+        return keys.LEXICAL_FORMAT_VERSION
+    return keys.LORA_FORMAT_VERSION if bundle.lora is not None else keys.OLDEST_FORMAT_VERSION
+
+
 def _tensors(bundle: Bundle, half: bool) -> list[tuple[str, np.ndarray]]:
-    """Every exit tensor. Like llama.cpp's converters, `half` stores matrices as F16 and keeps vectors F32."""
+    """Every exit tensor. Like llama.cpp's converters, `half` stores the heads' matrices as F16 and keeps vectors
+    F32; the lexical head stays F32, so that the runtime computes what scikit-learn fitted."""
     out = []
     for pooling, heads in bundle.heads.items():
         for layer, head in heads.heads.items():
             out += zip(keys.norm_tensors(pooling, layer), (head.norm_mean, head.norm_scale))
             for names, pair in zip(keys.linear_tensors(pooling, layer, head.kind), head.weights):
                 out += zip(names, pair)
-    return [(name, np.ascontiguousarray(a, dtype=np.float16 if half and a.ndim == 2 else np.float32))
-            for name, a in out]
+    tensors = [(name, np.ascontiguousarray(a, dtype=np.float16 if half and a.ndim == 2 else np.float32))
+               for name, a in out]
+    if bundle.lexical is not None:
+        lexical = bundle.lexical
+        vocabulary = np.frombuffer("\n".join(lexical.vocabulary).encode("utf-8"), dtype=np.int8)
+        tensors += zip(keys.LEXICAL_TENSORS, (vocabulary, lexical.idf, lexical.weight, lexical.bias))
+    return tensors
 
 
 def write_exits(bundle: Bundle, path: str | os.PathLike[str], half: bool = True) -> Path:
@@ -380,6 +435,9 @@ def _read(path: Path) -> Bundle:
             layer: _read_head(tensors, pooling, layer, head_kind) for layer in layers})
     used = {name for pooling, h in heads.items() for layer in h.layers
             for name in keys.head_tensors(pooling, layer, head_kind)}
+    analyzer = _value(reader, e.LEXICAL_ANALYZER) if _carries(reader, e.LEXICAL_ANALYZER, "a lexical head", version,
+                                                                   keys.LEXICAL_FORMAT_VERSION) else ""
+    used |= set(keys.LEXICAL_TENSORS) if analyzer else set()
     unused = tensors.keys() - used
     if unused:
         raise BundleError(f"holds tensors that belong to no exit head of the bundle: {', '.join(sorted(unused))}")
@@ -391,11 +449,16 @@ def _read(path: Path) -> Bundle:
             policies[name] = _json_object(key, _value(reader, Keys.policy(name)))
     calibration = _value(reader, e.CALIBRATION)
     lora = None
-    if version >= keys.LORA_FORMAT_VERSION or reader.get_field(e.LORA_FILE.name) is not None:
-        if version < keys.LORA_FORMAT_VERSION:
-            raise BundleError(f"names a LoRA adapter, which format version {version} cannot carry; convert the "
-                              "bundle again")
-        lora = LoraRef(_value(reader, e.LORA_FILE), _value(reader, e.LORA_SHA256))
+    if _carries(reader, e.LORA_FILE, "a LoRA adapter", version, keys.LORA_FORMAT_VERSION):
+        lora_file = _value(reader, e.LORA_FILE)
+        if lora_file or version == keys.LORA_FORMAT_VERSION:  # version 3 always names one
+            lora = LoraRef(lora_file, _value(reader, e.LORA_SHA256))
+    lexical, thresholds, trust = None, {}, None
+    if _carries(reader, e.TRUST, "abstention margins", version, keys.LEXICAL_FORMAT_VERSION):
+        thresholds = _json_object(e.LEXICAL_THRESHOLDS.name, _value(reader, e.LEXICAL_THRESHOLDS))
+        lexical = _read_lexical(tensors, analyzer) if analyzer else None
+        record = _value(reader, e.TRUST)
+        trust = Trust.from_json(_json_object(e.TRUST.name, record)) if record else None
     return Bundle(
         base=base,
         labels=labels,
@@ -404,11 +467,40 @@ def _read(path: Path) -> Bundle:
         heads=heads,
         policies=policies,
         default_policy=_value(reader, e.DEFAULT_POLICY),
-        calibration=_json_object(e.CALIBRATION, calibration) if calibration else {},
+        calibration=_json_object(e.CALIBRATION.name, calibration) if calibration else {},
         head_kind=head_kind,
         head_hidden=_value(reader, e.HEAD_HIDDEN_SIZE),
         lora=lora,
+        lexical=lexical,
+        lexical_thresholds=thresholds,
+        trust=trust,
     )
+
+
+def _carries(reader: GGUFReader, key: Key, what: str, version: int, since: int) -> bool:
+    """Whether the file's format has `key` (for `what`): every file of format `since` or later must, and an older
+    one may not (a reader of that format would classify without it)."""
+    if version >= since:
+        return True
+    if reader.get_field(key.name) is not None:
+        raise BundleError(f"carries {what}, which format version {version} cannot: convert the bundle again")
+    return False
+
+
+def _read_lexical(tensors: dict[str, ReaderTensor], analyzer: str) -> LexicalHead:
+    arrays = []
+    for name in keys.LEXICAL_TENSORS:
+        t = tensors.get(name)
+        expected = GGMLQuantizationType.I8 if name == keys.LEXICAL_TENSORS[0] else GGMLQuantizationType.F32
+        if t is None or t.tensor_type != expected:
+            raise BundleError(f"the lexical head needs the tensor {name} of type {expected.name}")
+        arrays.append(np.array(t.data))
+    vocabulary, idf, weight, bias = arrays
+    try:
+        words = tuple(vocabulary.view(np.uint8).tobytes().decode("utf-8").split("\n"))
+    except UnicodeDecodeError:
+        raise BundleError("the lexical head's vocabulary is not UTF-8") from None
+    return LexicalHead(words, idf, weight, bias, analyzer)
 
 
 _F32 = (GGMLQuantizationType.F32,)

@@ -26,10 +26,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 from .bundle import Bundle, load_bundle
 from .cache import sha256_file
@@ -38,11 +39,14 @@ from .engine import Engine
 from .errors import ContextOverflowError, Edge2DExitError, InputError
 from .lifetime import Owner
 from .models.registry import resolve_model
-from .policies import Decision, Policy, PolicyStream, make_policy
+from .heads import margin
+from .policies import Decision, Policy, PolicyStream, make_policy, policy_class
 from .settings import EngineSettings
 from .texts import check_characters, check_text
+from .trust import prediction_set
 
 DEFAULT_BUNDLE = Path(__file__).parent / "models" / "default"
+LEXICAL_EXIT = -1  # the exit layer (and sentence) of an answer from the words alone
 
 
 def base_model_path(bundle: Bundle, model: str | os.PathLike[str] | None = None, pull_missing: bool = False) -> Path:
@@ -71,6 +75,15 @@ class Result:
     # less (batched with other documents, another backend) decides the same.
     boundary_gap: float
     truncated: bool = False  # the text did not fit the context and its tail was not read
+    # With `max_error`: the answer's margin is below the abstention margin, so the classifier is unsure (the label
+    # and scores are still its best guess). With `coverage`: the labels that cannot be ruled out, most probable first.
+    abstained: bool = False
+    prediction_set: list[str] | None = None
+
+    @property
+    def lexical(self) -> bool:
+        """The words alone decided (the lexical exit, before any layer): exit_layer is LEXICAL_EXIT."""
+        return self.exit_layer == LEXICAL_EXIT
 
     def as_pipeline(self) -> list[dict[str, Any]]:
         """`[{"label": …, "score": …}]`, best first, as common text-classification pipelines return."""
@@ -145,6 +158,11 @@ class Classifier(Owner):
     classifier's lock while they use its llama.cpp context, so threads sharing a classifier take turns and never mix
     their documents' KV cache. For parallel work give each thread a Classifier of its own, or use `classify_many`.
     Reading twice at once in one thread (a classify inside a classify_many loop) raises RuntimeError.
+
+    `lexical`: let the bundle's lexical exit answer where the words alone decide (the default, where the bundle has
+    one). `max_error`: abstain (`Result.abstained`) where the answer is not sure enough for the error among the
+    answered documents to stay within it; `coverage`: give each result the prediction set that holds the true label
+    that often (both as calibrated for the bundle's default policy: see trust.py).
     """
 
     def __init__(
@@ -154,9 +172,17 @@ class Classifier(Owner):
         policy: str | None = None,
         settings: EngineSettings = EngineSettings(),
         truncate: bool = False,
+        lexical: bool = True,
+        max_error: float | None = None,
+        coverage: float | None = None,
     ):
         super().__init__()
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE)
+        self.policy_name = policy or self.bundle.default_policy
+        self.lexical = lexical and self.bundle.lexical is not None
+        trust = self.bundle.trust_for(self.policy_name) if max_error is not None or coverage is not None else None
+        self.abstain_below = trust.margin_for(max_error) if max_error is not None else None
+        self.set_threshold = trust.threshold_for(coverage) if coverage is not None else None
         self.model_path = base_model_path(self.bundle, model)
         self.truncate = truncate
         self._lock = threading.Lock()
@@ -166,44 +192,58 @@ class Classifier(Owner):
             Engine.load(self.model_path, settings, prompt=self.bundle.task_prompt, lora=self.bundle.lora_file()))
         self.bundle.check_base(sha256_file(self.model_path), self.engine.architecture, self.engine.n_layer,
                                self.engine.n_embd)
-        self.policy_name = policy or self.bundle.default_policy
         self.policy = self.make_policy(self.policy_name)
 
     def make_policy(self, name: str) -> Policy:
-        return make_policy(name, self.bundle.heads, self.engine.n_layer, self.bundle.policy_params(name))
+        """Policy `name` with its calibrated parameters; the default one reads on below the abstention margin."""
+        params = self.bundle.policy_params(name)
+        floor = policy_class(name).margin_floor
+        if name == self.policy_name and self.abstain_below is not None and floor is not None:
+            params = {**params, floor: self.abstain_below}
+        return make_policy(name, self.bundle.heads, self.engine.n_layer, params)
 
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.bundle.labels)
 
-    def classify(self, text: str, policy: str | None = None) -> Result:
+    def classify(self, text: str, policy: str | None = None, lexical: bool | None = None) -> Result:
+        """Classify one text; `lexical` (default: the classifier's) lets the words alone answer where they decide."""
         name = policy or self.policy_name
+        started = time.perf_counter()
+        if (words := self._lexical_decision(text, name, lexical)) is not None:
+            return self._result(name, words, None, None, started, False)
         with self._engine_turn():
-            started = time.perf_counter()
             doc = self.engine.document()
-            decision, sentences = self.engine.run(self._reading(doc, text, name))
-            return self._result(name, decision, doc, sentences.total(), started, sentences.room.full)
+            return self.engine.run(self.job(text, name, lexical=False, started=started)(doc))
 
     def classify_many(
-        self, texts: Iterable[str] | Iterable[tuple[Hashable, str]], policy: str | None = None
+        self, texts: Iterable[str] | Iterable[tuple[Hashable, str]], policy: str | None = None,
+        lexical: bool | None = None,
     ) -> Iterator[tuple[Hashable, Result | Edge2DExitError]]:
         """Classify many texts with up to `settings.width` of them in flight in shared llama.cpp decodes,
         yielding (key, Result) as each finishes — not in input order — or (key, error) for a text that could not
         be classified (empty, too long, not a string: NaN or None from a table...): the others go on. Plain
-        strings, and anything that is not a (key, text) pair, are keyed by their index."""
+        strings, and anything that is not a (key, text) pair, are keyed by their index. A text the words alone
+        decide never takes a place among those in flight."""
         name = policy or self.policy_name
         self._policy(name)  # a bad policy name fails here, once, not once per text
-        jobs = ((key, self._job(text, name)) for key, text in _keyed(texts))
-        with self._engine_turn():
-            for done in self.engine.run_many(jobs):
-                if done.error is not None:
-                    if not isinstance(done.error, Edge2DExitError):
-                        raise done.error
-                    yield done.key, done.error
+        answered: deque[tuple[Hashable, Result]] = deque()  # by the words alone, waiting for the next yield
+
+        def jobs() -> Iterator[tuple[Hashable, Callable[[Document], Reading[Result]]]]:
+            for key, text in _keyed(texts):
+                started = time.perf_counter()
+                if (words := self._lexical_decision(text, name, lexical)) is not None:
+                    answered.append((key, self._result(name, words, None, None, started, False)))
                 else:
-                    (decision, sentences), started = done.result
-                    yield done.key, self._result(name, decision, done.doc, sentences.total(), started,
-                                                 sentences.room.full)
+                    yield key, self.job(text, name, lexical=False, started=started)
+
+        with self._engine_turn():
+            for done in self.engine.run_many(jobs()):
+                yield from _drain(answered)
+                if done.error is not None and not isinstance(done.error, Edge2DExitError):
+                    raise done.error
+                yield done.key, done.result if done.error is None else done.error
+            yield from _drain(answered)
 
     def __call__(self, texts: str | Sequence[str]) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         if isinstance(texts, str):
@@ -214,6 +254,33 @@ class Classifier(Owner):
         """Feed text piece by piece; see `Stream`. Only one stream or classification runs at a time."""
         name = policy or self.policy_name
         return Stream(self, name, self._policy(name))
+
+    # For a caller that drives the engine itself: one thread that owns this classifier does all of its reading
+    # (`Engine.run_many`, `Engine.run`), as the HTTP service's engine thread does. These take no turn (see
+    # `_engine_turn`): nothing else may read with this classifier meanwhile.
+
+    def job(self, text: str, policy: str | None = None, lexical: bool | None = None,
+            started: float | None = None) -> Callable[[Document], Reading[Result]]:
+        """The classification of `text` as a job for `Engine.run_many` (or `Engine.run` on one document): it reads
+        on the document it is given and ends with the Result, or raises the text's Edge2DExitError. Where the
+        words alone decide it reads nothing."""
+        name = policy or self.policy_name
+        started = time.perf_counter() if started is None else started
+
+        def reading(doc: Document) -> Reading[Result]:
+            if (words := self._lexical_decision(text, name, lexical)) is not None:
+                return self._result(name, words, None, None, started, False)
+            sentences = _Sentences(self, check_text(text), doc.room)
+            decision = yield from self._policy(name).read(doc, sentences)
+            return self._result(name, decision, doc, sentences.total(), started, sentences.room.full)
+
+        return reading
+
+    def stream_on(self, seq: int, policy: str | None = None) -> "Stream":
+        """A stream (see `Stream`) on sequence `seq` of the engine, which the caller keeps apart from every other
+        document it reads."""
+        name = policy or self.policy_name
+        return Stream(self, name, self._policy(name), seq)
 
     @contextmanager
     def _engine_turn(self) -> Iterator[None]:
@@ -235,39 +302,54 @@ class Classifier(Owner):
         """The bundle's default policy is built once; others when asked for."""
         return self.policy if name == self.policy_name else self.make_policy(name)
 
-    def _job(self, text: str, name: str):
-        started = time.perf_counter()
-
-        def reading(doc: Document) -> Reading[tuple[tuple[Decision, _Sentences], float]]:
-            return (yield from self._reading(doc, text, name)), started
-
-        return reading
-
-    def _reading(self, doc: Document, text: str, name: str) -> Reading[tuple[Decision, _Sentences]]:
-        sentences = _Sentences(self, check_text(text), doc.room)
-        decision = yield from self._policy(name).read(doc, sentences)
-        return decision, sentences
+    def _lexical_decision(self, text: str, name: str, lexical: bool | None) -> Decision | None:
+        """The words' answer, where the lexical exit is on (`lexical`, default the classifier's), the bundle has a
+        threshold for policy `name`, and the text's top lexical probability reaches it; else None (a text that is
+        not one is left to the reading, which refuses it)."""
+        on = self.lexical if lexical is None else lexical and self.bundle.lexical is not None
+        threshold = self.bundle.lexical_threshold(name)
+        if not on or threshold is None:
+            return None
+        try:
+            p = self.bundle.lexical.proba(check_text(text))
+        except Edge2DExitError:
+            return None
+        top = float(p.max())
+        if top < threshold:
+            return None
+        gap = min(top - threshold, float(margin(p)))
+        return Decision(p, LEXICAL_EXIT, LEXICAL_EXIT, 0, fired=True, boundary_gap=gap)
 
     def _result(
-        self, name: str, decision: Decision, doc: Document, total: int | None, started: float, truncated: bool
+        self, name: str, decision: Decision, doc: Document | None, total: int | None, started: float, truncated: bool
     ) -> Result:
-        scores = {label: float(p) for label, p in zip(self.bundle.labels, decision.probabilities)}
+        """The Result of `decision` on `doc` (None: nothing was read, the words alone decided)."""
+        labels, p = self.bundle.labels, decision.probabilities
+        gap, abstained, kept = decision.boundary_gap, False, None
+        if name == self.policy_name and self.abstain_below is not None:
+            confidence = float(margin(p))
+            abstained = confidence < self.abstain_below
+            gap = min(gap, abs(confidence - self.abstain_below))
+        if name == self.policy_name and self.set_threshold is not None:
+            kept = [labels[i] for i in prediction_set(p, self.set_threshold)]
         return Result(
-            label=self.bundle.labels[decision.label_index],
-            scores=scores,
+            label=labels[decision.label_index],
+            scores={label: float(x) for label, x in zip(labels, p)},
             policy=name,
             exit_sentence=decision.exit_sentence,
             exit_layer=decision.exit_layer,
             early=decision.fired and (decision.sentences_read != total or decision.exit_layer < self.engine.n_layer - 1),
             sentences_read=decision.sentences_read,
             sentences_total=total,
-            layers_run=max(doc.valid_depths + (0,)),
-            operations=doc.operations,
-            token_layers=doc.token_layers,
-            tokens=doc.n_tokens,
+            layers_run=max(doc.valid_depths + (0,)) if doc is not None else 0,
+            operations=doc.operations if doc is not None else 0,
+            token_layers=doc.token_layers if doc is not None else 0,
+            tokens=doc.n_tokens if doc is not None else 0,
             seconds=time.perf_counter() - started,
-            boundary_gap=decision.boundary_gap,
+            boundary_gap=gap,
             truncated=truncated,
+            abstained=abstained,
+            prediction_set=kept,
         )
 
     def close(self) -> None:
@@ -276,6 +358,11 @@ class Classifier(Owner):
         with nullcontext() if self._reader == threading.get_ident() else self._lock:
             self.closed = True
             super().close()
+
+
+def _drain(queue: deque) -> Iterator:
+    while queue:
+        yield queue.popleft()
 
 
 def _keyed(texts: Iterable[Any]) -> Iterator[tuple[Hashable, Any]]:
@@ -296,27 +383,38 @@ class Stream(Owner):
     waits for text that has not arrived (docs/llama-cpp.md §9). `prefix-mean` and `sentence-vote` decide while
     reading; `paper2d` needs the sentence count up front (its Δ = L/m), so like `full` and `layer` it decides at
     `finish`. An open stream holds its classifier (see `Classifier`); closing it (or leaving `with`) frees its
-    document's sequence and the classifier."""
+    document's sequence and the classifier. A stream made with `Classifier.stream_on(seq)` reads on that sequence
+    and holds no turn: its caller runs it on the one thread that reads with the classifier.
 
-    def __init__(self, classifier: Classifier, name: str, policy: Policy):
+    The lexical exit is calibrated on whole texts, where a prefix that looks decisive is not covered: a stream asks
+    the words only at `finish`, of the whole text, before the policy's own last decision (a stream that decided early
+    kept the policy's answer)."""
+
+    def __init__(self, classifier: Classifier, name: str, policy: Policy, seq: int | None = None):
         super().__init__()
         self.classifier, self.name = classifier, name
-        self._resources.enter_context(classifier._engine_turn())
-        self.doc = classifier.engine.document()
+        if seq is None:
+            self._resources.enter_context(classifier._engine_turn())
+        self.doc = classifier.engine.document(seq or 1)
         self._resources.callback(self._forget)  # before the turn is given back
         self._policy_stream: PolicyStream = policy.stream(self.doc)
         self._pieces = classifier.bundle.splitter.pieces()
         self._room = _Room(self.doc.capacity, classifier.truncate)
+        self._text: list[str] = []  # every piece fed, for the lexical exit at finish
         self._started = time.perf_counter()
         self.result: Result | None = None
 
     def feed(self, text: str) -> Result | None:
         if self.result is None:
             check_characters(text, "the streamed text")
+            self._text.append(text)
             self._read(self._pieces.feed(text))
         return self.result
 
     def finish(self) -> Result:
+        if self.result is None and (words := self.classifier._lexical_decision("".join(self._text), self.name,
+                                                                              None)) is not None:
+            self._decided(words, total=None)
         if self.result is None:
             self._read(self._pieces.close())
         if self.result is None:

@@ -15,9 +15,13 @@ from typing import NamedTuple
 from gguf import GGUFValueType
 
 # Bump on any change an older reader would misread. 2: policy names and parameters of 0.2; 3: a LoRA adapter file
-# beside the exits (a reader of 2 would classify without it). Bundles without an adapter are still written as 2.
-LORA_FORMAT_VERSION = 3  # written exactly when a bundle has an adapter, which it then must have
-FORMAT_VERSION = 3  # the newest this package reads
+# beside the exits (a reader of 2 would classify without it); 4: a lexical head and its thresholds, abstention
+# margins. A bundle is written in the oldest version that carries what it has. Version 3 always names its adapter;
+# version 4 always has every optional key, empty where the bundle has no such part: a key lost to damage is then a
+# missing key, never a part silently left out.
+LORA_FORMAT_VERSION = 3  # written when a bundle has an adapter and nothing newer
+LEXICAL_FORMAT_VERSION = 4  # written when a bundle has a lexical head or abstention margins
+FORMAT_VERSION = 4  # the newest this package reads
 OLDEST_FORMAT_VERSION = 2
 
 # Values of fixed keys.
@@ -85,6 +89,12 @@ class Keys:
         # Optional (format 3): a llama.cpp LoRA adapter applied to the base model; the heads read its states.
         LORA_FILE = _str("edge2dexit.lora.file")  # a bare file name in the bundle directory, never a path
         LORA_SHA256 = _str("edge2dexit.lora.sha256")
+        # Optional (format 4): the lexical exit (lexical.py), its tensors LEXICAL_TENSORS, and per policy the top
+        # probability at or above which it answers (JSON object: policy -> threshold, or null: never)
+        LEXICAL_ANALYZER = _str("edge2dexit.lexical.analyzer")
+        LEXICAL_THRESHOLDS = _str("edge2dexit.lexical.thresholds")
+        # Optional (format 4): abstention margins and prediction-set thresholds of one policy (trust.py), JSON
+        TRUST = _str("edge2dexit.trust")
 
     @staticmethod
     def exit_layers(pooling: str) -> Key:
@@ -138,6 +148,12 @@ def linear_tensors(pooling: str, layer: int, kind: str) -> tuple[tuple[str, str]
 def head_tensors(pooling: str, layer: int, kind: str) -> tuple[str, ...]:
     """Every tensor name of one head."""
     return norm_tensors(pooling, layer) + sum(linear_tensors(pooling, layer, kind), ())
+
+
+# The lexical head's tensors: the vocabulary as UTF-8 bytes, n-grams separated by line breaks (I8: gguf-py's reader
+# makes several objects per string array item, 1.8 s and 40 MB for 30,000), its idf [V] F32, weight [C, V] F32 and
+# bias [C] F32.
+LEXICAL_TENSORS = ("lexical.vocabulary", "lexical.idf", "lexical.weight", "lexical.bias")
 
 
 def lora_tensors(base_tensor: str) -> tuple[str, str]:

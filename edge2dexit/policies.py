@@ -168,6 +168,8 @@ class Policy:
 
     name: ClassVar[str]
     pooling: ClassVar[str] = Pooling.SENTENCE
+    # the parameter that keeps the policy from stopping below a margin, if it stops on one (abstention reads on)
+    margin_floor: ClassVar[str | None] = None
 
     @classmethod
     def reads(cls, params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -399,12 +401,16 @@ PREFIX_MEAN_MIN_SENTENCES = (1, 2, 3, 5)
 class PrefixMean(_IncrementalPolicy):
     name = "prefix-mean"
     pooling = Pooling.PREFIX
+    margin_floor = "min_margin"
 
     def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int, layer: int, threshold: float,
-                 min_sentences: int = 1):
+                 min_sentences: int = 1, min_margin: float = 0.0):
+        """`min_margin`: never stop on a margin below it (an abstention margin: reading on may make the answer
+        sure enough), whatever `threshold` says."""
         if not 0 <= layer < n_layer:
             raise BundleError(f"the prefix-mean policy's layer {layer} is outside 0..{n_layer - 1}")
-        self.heads, self.layer, self.threshold, self.min_sentences = heads[self.pooling], layer, threshold, min_sentences
+        self.heads, self.layer, self.min_sentences = heads[self.pooling], layer, min_sentences
+        self.threshold = max(threshold, min_margin)
         self.heads.head(layer)
 
     @classmethod

@@ -33,3 +33,41 @@ def paired_lower_bound(correct: np.ndarray, reference: np.ndarray, confidence: f
         return float(diff.mean())
     z = NormalDist().inv_cdf(confidence)
     return float(diff.mean() - z * diff.std(ddof=1) / math.sqrt(n))
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X ≤ k) for X ~ Binomial(n, p), summed in log space (n in the thousands is fine)."""
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 1.0 if k >= n else 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+             for i in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def clopper_pearson_upper(errors: int, n: int, confidence: float) -> float:
+    """The Clopper–Pearson one-sided upper confidence bound of an error rate seen as `errors` in `n`: the rate u at
+    which seeing at most `errors` has probability 1 − confidence. Exact (it inverts the binomial test), so a bound
+    ≤ α is the same as rejecting "the error rate exceeds α" at level 1 − confidence. 1 when nothing was seen."""
+    if n == 0 or errors >= n:
+        return 1.0
+    low, high = errors / n, 1.0
+    for _ in range(60):  # bisection on the monotone CDF: 2^-60 is far below any figure reported
+        middle = (low + high) / 2
+        if binomial_cdf(errors, n, middle) > 1 - confidence:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    """Split conformal prediction's threshold: the ⌈(n + 1)·coverage⌉-th smallest calibration score (infinity when
+    that rank exceeds n). A new example's set — every label whose score is at most it — then holds the true label
+    with probability at least `coverage`, for examples exchangeable with the calibration ones."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    rank = math.ceil((len(ordered) + 1) * coverage)
+    return float(ordered[rank - 1]) if rank <= len(ordered) else math.inf

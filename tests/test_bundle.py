@@ -7,44 +7,10 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from edge2dexit import keys
 from edge2dexit.bundle import BaseModelRef, Bundle, LoraRef, load_bundle, write_bundle, write_exits
 from edge2dexit.errors import BundleError
-from edge2dexit.heads import ExitHead, ExitHeads
 from edge2dexit.keys import Keys
 from edge2dexit.models.gguf_file import check_gguf
-from edge2dexit.sentences import Splitter
 
-from helpers import rewrite
-
-SHA = "a5fd3b62" + "0" * 56
-D = 16
-
-
-def make_heads(rng, pooling, labels, layers, kind):
-    sizes = [D, 8, len(labels)] if kind == "mlp" else [D, len(labels)]
-    return ExitHeads(pooling, labels, {
-        layer: ExitHead(
-            layer, kind,
-            (rng.normal(size=D) * 100).astype(np.float32), rng.uniform(1, 50, size=D).astype(np.float32),
-            tuple((rng.normal(size=(o, i)).astype(np.float32), rng.normal(size=o).astype(np.float32))
-                  for i, o in zip(sizes, sizes[1:])))
-        for layer in layers})
-
-
-def make_bundle(kind="mlp", labels=("neg", "pos")):
-    rng = np.random.default_rng(0)
-    return Bundle(
-        base=BaseModelRef("smollm2-135m", SHA, "llama", 6, D),
-        labels=labels,
-        task_prompt="Classify the sentiment of this review:",
-        splitter=Splitter("regex", "en"),
-        heads={"sentence": make_heads(rng, "sentence", labels, [1, 3, 5], kind),
-               "prefix": make_heads(rng, "prefix", labels, [2, 4], kind)},
-        policies={"prefix-mean": {"layer": 4, "threshold": 0.25, "min_sentences": 3}, "full": {}},
-        default_policy="prefix-mean",
-        calibration={"frontier": [[0.91, 2.5], [0.9, 3.1]], "chosen": 1},
-        head_kind=kind,
-        head_hidden=8 if kind == "mlp" else 0,
-    )
-
+from helpers import D, SHA, make_bundle, rewrite
 
 @pytest.fixture
 def bundle():
@@ -229,7 +195,7 @@ def test_lora_reference_round_trips_as_format_3_and_is_checked(tmp_path):
         with pytest.raises(BundleError, match="must be a bare"):
             dataclasses.replace(original, lora=LoraRef(name, "b" * 64))
     set_format_version(path, keys.OLDEST_FORMAT_VERSION)  # a 0.2 reader would ignore the adapter: never written
-    refused(path, "names a LoRA adapter, which format version 2 cannot carry")
+    refused(path, "carries a LoRA adapter, which format version 2 cannot")
 
 
 def test_default_bundle_is_format_2_with_the_renamed_policies():

@@ -162,22 +162,39 @@ def test_eval_structure_oracle_and_consistency(classifier, tmp_path):
     from edge2dexit.measure.evaluate import evaluate
     from edge2dexit.measure.figures import write_figures
 
+    try:
+        from sklearn import metrics as sklearn_metrics
+    except ImportError:  # the eval extra is not installed
+        sklearn_metrics = None
+
     texts = [TEXT, "The cinema was half full. The acting was dreadful. A boring, pointless story.",
              "It was shown on a Tuesday. A waste of time and money. I hated every minute of it."]
     labels = [1, 0, 0]
     ev = evaluate(classifier, texts, labels)
     assert set(ev.scores) == set(policy_names()) and ev.n_docs == 3
-    for score in ev.scores.values():
-        assert score.accuracy == pytest.approx(np.mean(np.array(score.predictions) == labels))
+    for name, score in ev.scores.items():
+        # checked against reads of its own: each text classified here, scored against the truth labels, and the
+        # macro-F1 as scikit-learn computes it
+        live = [classifier.classify(text, policy=name) for text in texts]
+        assert score.predictions == [classifier.labels.index(r.label) for r in live], name
+        assert score.accuracy == sum(r.label == classifier.labels[y] for r, y in zip(live, labels)) / 3, name
+        if sklearn_metrics is not None:
+            assert score.macro_f1 == pytest.approx(sklearn_metrics.f1_score(labels, score.predictions,
+                                                                            average="macro", labels=[0, 1]))
+        assert score.costs == [r.token_layers for r in live], name
         assert ev.oracle_token_layers <= score.token_layers
         assert len(score.costs) == 3 and score.seconds > 0
+    # the oracle answers a text right if any cell does, the full read's cell among them
+    assert ev.oracle_accuracy >= ev.scores["full"].accuracy
     assert ev.scores["full"].token_layers == pytest.approx(ev.full_token_layers)
     table = ev.table()
     assert "oracle" in table and "Table 2, T = 2%" in table and "docs/s" in table
     assert ev.prefix_grid.shape == (4, 30) and ((0 <= ev.prefix_grid) & (ev.prefix_grid <= 1)).all()
     assert ev.prefix_grid_docs.tolist() == [3, 3, 3, 1]
     figures = write_figures(ev, classifier.bundle.calibration, tmp_path)
-    assert [f.name for f in figures] == ["accuracy_sentence_layer.png", "frontier.png", "exits.png"]
+    assert [f.name for f in figures] == ["accuracy_sentence_layer.png", "frontier.png", "exits.png",
+                                         *(["risk_coverage.png"] if ev.abstention else [])]
+    assert ev.abstention and {a.error_rate for a in ev.abstention} == set(classifier.bundle.trust.margins)
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in figures)
 
 

@@ -78,8 +78,11 @@ def convert(
     lora_depth: int = typer.Option(0, min=0, help="Train the adapters through the first N layers only, the loss "
                                                   "weighted on layer N-1 (where the policies exit; N/n_layer of the "
                                                   "compute). 0: every layer, the loss on the last (the paper)."),
+    lexical: bool = typer.Option(_CONVERT.lexical, "--lexical/--no-lexical",
+                                 help="Train the lexical exit (TF-IDF + logistic regression on the words alone) and "
+                                      "calibrate every policy behind it."),
     n_ctx: int = N_CTX,
-    width: int = WIDTH,
+    width: Optional[int] = WIDTH,
     threads: Optional[int] = THREADS,
 ) -> None:
     """Train exit heads on labelled text, calibrate every policy on held-out data, write a bundle."""
@@ -95,5 +98,6 @@ def convert(
         engine=engine_settings(n_ctx, width, threads), work=work, reuse=tuple(reuse or ()),
         finetune=LoraSettings(rank=lora_rank, epochs=lora_epochs, lr=lora_lr, max_documents=lora_docs or None,
                               depth=lora_depth or None, seed=seed) if finetune == "lora" else None,
+        lexical=lexical,
     )
     typer.echo(run_convert(settings).summary())

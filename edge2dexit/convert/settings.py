@@ -9,6 +9,9 @@ from ..keys import HEAD_LINEARS
 from ..settings import EngineSettings
 from .data import DataSettings
 
+# The task prompt read before every text, when `convert --prompt` names none: for the imdb set, and for any other.
+SENTIMENT_PROMPT = "Classify the sentiment of this movie review as positive or negative.\nReview:"
+DEFAULT_PROMPT = "Classify the following text.\nText:"
 # Formats `convert --quant` re-quantizes a base model to (llama.QUANT_TYPES maps each to llama.cpp's file type).
 QUANTIZATIONS = ("f16", "q4_0", "q8_0")
 
@@ -81,5 +84,6 @@ class ConvertSettings:
     work: Path | None = None  # feature stores (default: OUT/features); reused when the inputs match
     reuse: tuple[Path, ...] = ()  # earlier feature stores whose documents are copied instead of read again
     finetune: LoraSettings | None = None  # None: heads only, the base model frozen (the paper's first mode)
+    lexical: bool = True  # also train the lexical exit (lexical.py) and calibrate every policy behind it
 
 

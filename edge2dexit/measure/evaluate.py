@@ -13,6 +13,7 @@ with a 95% Wilson score interval: test splits of 100–1,000 documents leave sev
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ..baselines import TFIDF_DESCRIPTION, TFIDF_NAME, TRUNCATIONS, Sentences, fitted, tfidf_logreg
+from ..convert.calibrate import LEXICAL_THRESHOLDS
 from ..classifier import Classifier, Result
 from ..document import whole_text
 from .plain import PlainReader
@@ -74,6 +76,8 @@ class Evaluation:
     prefix_grid_docs: np.ndarray  # [sentences read]: how many documents have that many sentences
     baselines: dict[str, BaselineScore]
     notes: list[str]  # why a baseline row is missing
+    abstention: list[AbstentionRow] = field(default_factory=list)  # the default policy at each calibrated α
+    cascade: list[CascadePoint] = field(default_factory=list)  # the default policy behind each lexical threshold
 
     def table(self) -> str:
         full = self.scores["full"]
@@ -85,13 +89,13 @@ class Evaluation:
         lines = [
             f"{self.n_docs} documents, {self.n_layer} layers; speed-ups against the full policy in this run; "
             "95% CI: Wilson score interval",
-            f"{'policy':13} {'acc':>6} {'95% CI':>11} {'F1':>6} {'token-layers':>13} {'operations':>11} "
+            f"{'policy':24} {'acc':>6} {'95% CI':>11} {'F1':>6} {'token-layers':>13} {'operations':>11} "
             f"{'wall-clock':>11} {'docs/s':>9}",
         ]
         for name, accuracy, f1, token_layers, operations, seconds in rows:
             low, high = wilson_interval(round(accuracy * self.n_docs), self.n_docs)
             lines.append(
-                f"{name:13} {accuracy:6.3f} {f'{low:.3f}–{high:.3f}':>11} {_cell(f1, '6.3f')} "
+                f"{name:24} {accuracy:6.3f} {f'{low:.3f}–{high:.3f}':>11} {_cell(f1, '6.3f')} "
                 f"{_cell(_per(full.token_layers, token_layers), '12.2f', '×')} "
                 f"{_cell(_per(full.operations, operations), '10.2f', '×')} "
                 f"{_cell(_per(full.seconds, seconds), '10.2f', '×')} {_cell(_per(self.n_docs, seconds), '9.2f')}"
@@ -109,12 +113,53 @@ class Evaluation:
             )
             lines.append(f"Table 2, T = {t:.0%}: best layer accuracy {best:.3f}; first static exit layer within T: "
                          f"{first} → layer-wise speed-up L/(Le+1) = {self.n_layer / (first + 1):.2f}×")
+        if self.cascade:
+            lines += ["", f"the lexical exit before {self.cascade[0].policy} at each threshold, from these runs "
+                          "(words answer where their top probability reaches it; the rest as the LLM-only row read "
+                          "them):",
+                      f"{'words at':>9} {'acc':>6} {'95% CI':>11} {'token-layers':>13} {'answered by the words':>22}"]
+            for c in self.cascade:
+                low, high = wilson_interval(round(c.accuracy * self.n_docs), self.n_docs)
+                lines.append(f"{'never' if c.threshold is None else f'{c.threshold:g}':>9} {c.accuracy:6.3f} "
+                             f"{f'{low:.3f}–{high:.3f}':>11} {_cell(_per(full.token_layers, c.token_layers), '12.2f', '×')} "
+                             f"{c.lexical_share:22.1%}")
+        if self.abstention:
+            lines += ["", f"{self.abstention[0].policy} with --max-error α, live: coverage (answered / all) and the error "
+                          "among the answered documents (95% Wilson interval)",
+                      f"{'α':>5} {'margin':>7} {'coverage':>9} {'error':>7} {'95% CI':>11} {'wall-clock':>11}"]
+            for a in self.abstention:
+                interval = "—" if a.answered == 0 else "{:.3f}–{:.3f}".format(*wilson_interval(a.errors, a.answered))
+                lines.append(f"{a.error_rate:5.0%} {_cell(a.margin, '7.2f')} {a.answered / self.n_docs:9.3f} "
+                             f"{_cell(a.errors / a.answered if a.answered else None, '7.3f')} {interval:>11} "
+                             f"{_cell(_per(full.seconds, a.seconds), '10.2f', '×')}")
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class AbstentionRow:
+    policy: str
+    error_rate: float  # α asked for
+    margin: float | None  # the calibrated abstention margin (None: abstains on everything)
+    answered: int
+    errors: int  # among the answered
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CascadePoint:
+    policy: str
+    threshold: float | None  # None: the words never answer
+    accuracy: float
+    token_layers: float  # mean per document
+    lexical_share: float
+
+
 def _per(numerator: float, value: float | None) -> float | None:
-    """numerator / value: a speed-up or a rate, or None for a row without that cost."""
-    return None if value is None else numerator / value
+    """numerator / value: a speed-up or a rate (infinite where nothing was spent), or None for a row without that
+    cost."""
+    if value is None:
+        return None
+    return numerator / value if value else math.inf
 
 
 def _cell(value: float | None, spec: str, unit: str = "") -> str:
@@ -148,13 +193,15 @@ def evaluate(
     names = list(dict.fromkeys(["full", *(policies or policy_names())]))
     for name in names:
         clf.make_policy(name)  # a bad name or a policy the bundle lacks fails before any reading
+    # a policy behind the lexical exit is also read without it, as the LLM alone reads
+    llm_only = {f"{name} {LLM_ONLY}": name for name in names if clf.lexical and bundle.lexical_threshold(name) is not None}
     baselines = {} if train is None else {TFIDF_NAME: _tfidf_row(train, texts, truth, n_classes)}
     best = _best_layer(bundle.calibration)
     notes = [] if best else ["no truncation rows: the bundle records no best layer (its calibration record is empty)"]
     truncations = TRUNCATIONS if best else {}
     truncated: dict[str, list[tuple[int, int, int]]] = {name: [] for name in truncations}
-    results: dict[str, list[Result]] = {name: [] for name in names}
-    seconds = dict.fromkeys(names, 0.0)
+    results: dict[str, list[Result]] = {name: [] for name in (*names, *llm_only)}
+    seconds = dict.fromkeys(results, 0.0)
     layer_hits = {pooling: np.zeros(n_layer) for pooling in bundle.heads}
     documents = [fitted([engine.tokenize(s) for s in bundle.splitter.split(t)], engine.capacity) for t in texts]
     longest = max(len(d) for d in documents)
@@ -166,10 +213,10 @@ def evaluate(
             start = time.perf_counter()
             plain.read(engine.tokenize(text)[: engine.capacity])
             plain_seconds += time.perf_counter() - start
-            for name in names:  # interleaved: machine noise hits every policy alike
-                result = clf.classify(text, policy=name)
-                results[name].append(result)
-                seconds[name] += result.seconds
+            for row in results:  # interleaved: machine noise hits every policy alike
+                result = clf.classify(text, policy=llm_only.get(row, row), lexical=False if row in llm_only else None)
+                results[row].append(result)
+                seconds[row] += result.seconds
             states = engine.run(whole_text(engine.document(), tokens, n_layer))  # as convert stored them
             hit, cost = _layers_and_oracle(bundle.heads, states, tokens, int(label), layer_hits, grid_hits)
             grid_docs[: len(tokens)] += 1
@@ -189,12 +236,49 @@ def evaluate(
     for name, reads in truncated.items():
         baselines[name] = _truncation_row(name, reads, best, truth, n_classes)
     n_tokens = [sum(map(len, d)) for d in documents]
+    default = clf.policy_name
+    llm_default = next((row for row, name in llm_only.items() if name == default), None)
+    cascade = [] if llm_default is None else _cascade(default, results[llm_default], texts, truth, bundle)
+    abstention = _abstention(clf, default, texts, truth) if default in names and bundle.trust is not None else []
     return Evaluation(
         len(texts), n_layer, tuple(bundle.labels), scores, plain_seconds,
         {k: (v / len(texts)).round(4).tolist() for k, v in layer_hits.items()},
         oracle_hits / len(texts), float(np.mean(oracle_costs)), float(np.mean(n_tokens)) * n_layer,
-        grid_hits / grid_docs[:, None], grid_docs, baselines, notes,
+        grid_hits / grid_docs[:, None], grid_docs, baselines, notes, abstention, cascade,
     )
+
+
+LLM_ONLY = "(LLM only)"
+
+
+def _cascade(policy: str, llm: list[Result], texts: Sequence[str], truth: np.ndarray, bundle) -> list[CascadePoint]:
+    """The lexical exit before `policy` at each threshold calibration tries, from the LLM-only live results and the
+    lexical head's probabilities of the same texts."""
+    words = np.stack([bundle.lexical.proba(text) for text in texts])
+    llm_predicted = np.array([bundle.labels.index(r.label) for r in llm])
+    llm_cost = np.array([r.token_layers for r in llm], dtype=np.float64)
+    points = []
+    for threshold in LEXICAL_THRESHOLDS:
+        answered = words.max(1) >= threshold if threshold is not None else np.zeros(len(texts), dtype=bool)
+        predicted = np.where(answered, words.argmax(1), llm_predicted)
+        points.append(CascadePoint(policy, threshold, _accuracy(truth, predicted),
+                                   float(np.where(answered, 0.0, llm_cost).mean()), float(answered.mean())))
+    return points
+
+
+def _abstention(clf: Classifier, policy: str, texts: Sequence[str], truth: np.ndarray) -> list[AbstentionRow]:
+    """The policy read live with each calibrated --max-error (a classifier each: below the margin it reads on)."""
+    rows = []
+    for alpha in sorted(clf.bundle.trust.margins):
+        with Classifier(clf.bundle, model=clf.model_path, policy=policy, settings=clf.engine.settings,
+                        truncate=clf.truncate, lexical=clf.lexical, max_error=alpha) as sure:
+            results = [sure.classify(text) for text in texts]
+        answered = [(r, y) for r, y in zip(results, truth) if not r.abstained]
+        errors = sum(clf.bundle.labels.index(r.label) != y for r, y in answered)
+        margin = sure.abstain_below
+        rows.append(AbstentionRow(policy, alpha, None if np.isinf(margin) else margin, len(answered), errors,
+                                  sum(r.seconds for r in results)))
+    return rows
 
 
 def _accuracy(truth: np.ndarray, predicted: Sequence[int]) -> float:

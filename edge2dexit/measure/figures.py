@@ -46,12 +46,15 @@ def write_figures(ev: Evaluation, calibration: Mapping[str, Any], directory: str
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colour = dict(zip(policy_names(), plt.cm.tab10.colors))
     for name, points in calibration.get("frontier", {}).items():
-        ax.plot([1 / p["cost"] for p in points], [p["accuracy"] for p in points], "o-", ms=3, c=colour.get(name),
+        read = [p for p in points if p["cost"] > 0]  # a point where the words answer everything reads nothing
+        ax.plot([1 / p["cost"] for p in read], [p["accuracy"] for p in read], "o-", ms=3, c=colour.get(name),
                 label=f"{name} (calibration)")
     full = ev.scores["full"].token_layers
     for name, score in ev.scores.items():
-        ax.scatter(full / score.token_layers, score.accuracy, marker="*", s=140, c=[colour.get(name)], zorder=3)
-        ax.annotate(name, (full / score.token_layers, score.accuracy), textcoords="offset points", xytext=(4, 4))
+        if score.token_layers > 0:
+            base = name.split(" ")[0]
+            ax.scatter(full / score.token_layers, score.accuracy, marker="*", s=140, c=[colour.get(base)], zorder=3)
+            ax.annotate(name, (full / score.token_layers, score.accuracy), textcoords="offset points", xytext=(4, 4))
     ax.scatter(ev.full_token_layers / ev.oracle_token_layers, ev.oracle_accuracy, marker="X", s=120, c="k")
     ax.annotate("oracle", (ev.full_token_layers / ev.oracle_token_layers, ev.oracle_accuracy),
                 textcoords="offset points", xytext=(4, -10))
@@ -70,6 +73,29 @@ def write_figures(ev: Evaluation, calibration: Mapping[str, Any], directory: str
     np.atleast_1d(axes)[0].set_ylabel("exit layer")
     fig.suptitle("Where documents exit")
     written.append(_save(fig, directory / "exits.png", plt))
+
+    if ev.abstention:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        rows = [a for a in ev.abstention if a.answered]
+        coverage = [a.answered / ev.n_docs for a in rows]
+        ax.plot(coverage, [a.errors / a.answered for a in rows], "o-", label="error among answered")
+        for a, c in zip(rows, coverage):
+            ax.annotate(f"α {a.error_rate:.0%}", (c, a.errors / a.answered), textcoords="offset points", xytext=(4, 4))
+        ax.plot(coverage, [a.error_rate for a in rows], "k:", label="target α")
+        ax.set(xlabel="coverage (answered / all)", ylabel="error", title=f"Risk and coverage, {rows[0].policy}"
+               if rows else "Risk and coverage")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, directory / "risk_coverage.png", plt))
+    if ev.cascade:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        shares = [c.lexical_share for c in ev.cascade]
+        ax.plot(shares, [c.accuracy for c in ev.cascade], "o-")
+        for c, share in zip(ev.cascade, shares):
+            ax.annotate("never" if c.threshold is None else f"{c.threshold:g}", (share, c.accuracy),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set(xlabel="answered by the words alone", ylabel="accuracy",
+               title=f"The lexical exit before {ev.cascade[0].policy}, by threshold")
+        written.append(_save(fig, directory / "cascade.png", plt))
     return written
 
 

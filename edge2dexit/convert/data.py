@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -169,7 +169,7 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each row of a table; the first row that cannot be read refuses the file."""
     for row in tables.rows(path):
         if row.error is not None:
-            raise InputError(str(row.error) if row.line is None else f"{path}: line {row.line} is {row.error}")
+            raise InputError(f"{path}: {row.error}" if row.line is None else f"{path}: line {row.line} is {row.error}")
         yield row.line, row.record
 
 
@@ -325,9 +325,27 @@ def load(settings: DataSettings) -> LabelledSet:
     return load_file(settings.data, settings.text_column, settings.label_column)
 
 
-def make_splits(settings: DataSettings) -> Splits:
-    """Load, balance, filter and split the data as `settings` say; the same settings give the same splits."""
-    ds = load(settings)
+def labelled(texts: Sequence[str], labels: Sequence[Any], source: str = "the texts given") -> LabelledSet:
+    """Texts and their labels from Python lists (any labels that sort: strings, ints...): the label names are the
+    distinct labels, sorted, as strings."""
+    if len(texts) != len(labels):
+        raise InputError(f"{len(texts)} texts but {len(labels)} labels")
+    if any(not isinstance(t, str) for t in texts):
+        raise InputError("every text must be a string")
+    try:
+        classes = sorted(set(labels))
+    except TypeError:
+        raise InputError("the labels must be of one kind that sorts (all strings, or all numbers)") from None
+    if len(classes) < 2:
+        raise InputError("a classifier needs labels of at least two classes")
+    index = {label: i for i, label in enumerate(classes)}
+    return LabelledSet(list(texts), [index[label] for label in labels], tuple(map(str, classes)), source)
+
+
+def make_splits(settings: DataSettings, data: LabelledSet | None = None) -> Splits:
+    """Load (or take `data`), balance, filter and split the data as `settings` say; the same settings (and data)
+    give the same splits."""
+    ds = data if data is not None else load(settings)
     splitter = settings.make_splitter()
     if settings.per_class is not None:
         pool = min(min(ds.class_counts().values()), max(COUNTING_POOL, POOL_FACTOR * settings.per_class))

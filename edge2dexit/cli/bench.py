@@ -14,7 +14,7 @@ from ..models.registry import DEFAULT_MODEL
 from ..settings import EngineSettings
 from .app import bench_app, friendly
 from .inputs import text_of
-from .options import N_CTX, THREADS, WIDTH
+from .options import BUNDLE, MODEL, N_CTX, THREADS, WIDTH
 
 
 @bench_app.command("engine")
@@ -48,8 +48,7 @@ def bench_throughput(
 ) -> None:
     """Docs/s and accuracy of `full` and the default policy: baseline one at a time vs the bundle at each width."""
     from ..bundle import load_bundle
-    from ..classifier import DEFAULT_BUNDLE
-    from ..convert.data import bundle_splits, load_file
+    from ..convert.data import bundle_splits
     from ..measure.throughput import throughput_benchmark
 
     try:
@@ -58,9 +57,7 @@ def bench_throughput(
         raise typer.BadParameter(f"{widths!r} is not a comma-separated list of numbers", param_hint="--widths") from None
 
     # The bundle's test split (or the data named), less anything the baseline bundle was trained or calibrated on.
-    read = load_bundle(bundle or DEFAULT_BUNDLE)
-    test = load_file(data, label_names=read.labels) if data else bundle_splits(read).test
-    seen = set()
+    test, seen = _texts_to_read(bundle, data), set()
     if baseline is not None and baseline != bundle:
         base = bundle_splits(load_bundle(baseline))
         seen = set(base.train.texts) | set(base.calibration.texts)
@@ -74,7 +71,7 @@ def bench_throughput(
 @bench_app.command("overhead")
 @friendly
 def bench_overhead(
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle (default: the built-in one)."),
+    bundle: Optional[Path] = BUNDLE,
     data: Optional[Path] = typer.Option(None, "--data", help="Texts to read: a CSV, TSV or JSONL table with a text "
                                                              "column (default: the bundle's test split)."),
     docs: int = typer.Option(100, "--docs", min=1, help="Documents to read."),
@@ -83,23 +80,28 @@ def bench_overhead(
 ) -> None:
     """The fixed cost of a document: where a classification's time goes when the policy exits after a sentence or
     two (inside llama_decode, splitting, tokenizing, the rest), for each eval-callback tap."""
+    from ..measure.overhead import overhead_benchmark
+
+    texts = _texts_to_read(bundle, data).texts[:docs]
+    typer.echo(overhead_benchmark(texts, bundle, sentences, threads).table())
+
+
+def _texts_to_read(bundle: Optional[Path], data: Optional[Path]):
+    """The labelled texts a benchmark reads: the table `data` names (labels as the bundle's), else the bundle's own
+    test split."""
     from ..bundle import load_bundle
     from ..classifier import DEFAULT_BUNDLE
     from ..convert.data import bundle_splits, load_file
-    from ..measure.overhead import overhead_benchmark
 
     read = load_bundle(bundle or DEFAULT_BUNDLE)
-    texts = (load_file(data, label_names=read.labels) if data else bundle_splits(read).test).texts[:docs]
-    typer.echo(overhead_benchmark(texts, bundle, sentences, threads).table())
+    return load_file(data, label_names=read.labels) if data else bundle_splits(read).test
 
 
 @bench_app.command("soak")
 @friendly
 def bench_soak(
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle directory or exits.gguf (default: "
-                                                                       "the built-in sentiment bundle)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: registry name or GGUF path "
-                                                                    "(default: the bundle's)."),
+    bundle: Optional[Path] = BUNDLE,
+    model: Optional[str] = MODEL,
     docs: int = typer.Option(DOCS, "--docs", min=3, help="Documents classified by one Classifier."),
     cycles: int = typer.Option(CYCLES, "--cycles", min=3, help="Classifiers opened, used for one text and closed."),
     width: int = WIDTH,
@@ -114,8 +116,7 @@ def bench_soak(
 @bench_app.command("serve")
 @friendly
 def bench_serve(
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle directory or exits.gguf (default: "
-                                                                       "the built-in sentiment bundle)."),
+    bundle: Optional[Path] = BUNDLE,
     texts: Optional[Path] = typer.Option(None, "--texts", help="A file of texts, one per line (default: the sample "
                                                                "review's sentences, rotated and cut)."),
     docs: int = typer.Option(SERVE_DOCS, "--docs", min=1, help="Texts per round."),

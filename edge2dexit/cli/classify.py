@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..errors import Edge2DExitError, OutputError
 from .app import app, friendly
 from .inputs import Item, iter_items
-from .options import GPU_LAYERS, N_CTX, POLICY, THREADS, WIDTH, engine_settings
+from .options import BUNDLE, GPU_LAYERS, MODEL, N_CTX, POLICY, THREADS, WIDTH, engine_settings
 
 
 @app.command()
@@ -23,8 +23,8 @@ from .options import GPU_LAYERS, N_CTX, POLICY, THREADS, WIDTH, engine_settings
 def classify(
     inputs: List[str] = typer.Argument(..., help="Text files, directories of *.txt, tables (.csv .tsv .jsonl: one "
                                                  "text per row) or '-' for standard input."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle directory or exits.gguf (default: the built-in sentiment bundle)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: registry name or GGUF path (default: the bundle's)."),
+    bundle: Optional[Path] = BUNDLE,
+    model: Optional[str] = MODEL,
     policy: Optional[str] = POLICY,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per text, one per line."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Append JSON lines to this file instead of printing."),

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .app import app, friendly
-from .options import N_CTX, THREADS, check_policies, engine_settings
+from .options import BUNDLE, MODEL, N_CTX, THREADS, check_policies, engine_settings
 
 SPLITS = ("train", "calibration", "test")
 
@@ -23,13 +23,13 @@ def _check_split(value: str) -> str:
 @app.command("eval")
 @friendly
 def evaluate_command(
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle (default: the built-in one)."),
+    bundle: Optional[Path] = BUNDLE,
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data set (default: the one the bundle was built from)."),
     split: str = typer.Option("test", "--split", callback=_check_split, help="train, calibration or test (the bundle's own splits)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N documents of the split."),
     policies: Optional[str] = typer.Option(None, "--policies", callback=check_policies,
                                            help="Comma-separated policies (default: all)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the bundle's)."),
+    model: Optional[str] = MODEL,
     figures: Optional[Path] = typer.Option(None, "--figures", help="Write PNG figures into this directory."),
     n_ctx: int = N_CTX,
     threads: Optional[int] = THREADS,

@@ -14,6 +14,9 @@ from ..settings import EngineSettings
 
 _ENGINE = EngineSettings()
 
+BUNDLE = typer.Option(None, "--bundle", "-b", help="Bundle directory or exits.gguf (default: the built-in "
+                                                    "sentiment bundle).")
+MODEL = typer.Option(None, "--model", "-m", help="Base model: registry name or GGUF path (default: the bundle's).")
 N_CTX = typer.Option(_ENGINE.n_ctx, "--n-ctx", min=16, help="Tokens per document: task prompt + text.")
 WIDTH = typer.Option(_ENGINE.width, "--width", "-w", min=1, max=255, show_default="1 on a CPU, 32 on a GPU",
                      help="Documents read at once in shared llama.cpp decodes.")

@@ -10,7 +10,7 @@ import typer
 from ..errors import SettingsError
 from ..serve.settings import LOOPBACK, ServeSettings
 from .app import app, friendly
-from .options import GPU_LAYERS, N_CTX, POLICY, THREADS, WIDTH, engine_settings
+from .options import BUNDLE, GPU_LAYERS, MODEL, N_CTX, POLICY, THREADS, WIDTH, engine_settings
 
 _SERVE = ServeSettings()
 
@@ -18,10 +18,8 @@ _SERVE = ServeSettings()
 @app.command()
 @friendly
 def serve(
-    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", help="Bundle directory or exits.gguf (default: "
-                                                                       "the built-in sentiment bundle)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: registry name or GGUF path "
-                                                                    "(default: the bundle's)."),
+    bundle: Optional[Path] = BUNDLE,
+    model: Optional[str] = MODEL,
     policy: Optional[str] = POLICY,
     host: str = typer.Option(_SERVE.host, "--host", help="Address to listen on; anything but loopback lets other "
                                                          "machines in (set --api-key)."),

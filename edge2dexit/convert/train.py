@@ -12,7 +12,8 @@ accuracy with the majority class, AdamW, and early stopping on a validation spli
 one review are near-duplicates of each other in label evidence; splitting by sentence would leak). Every
 layer starts from the same seed, so a layer's head does not depend on which other layers were trained.
 
-This is the only module of the package that imports torch; only the converter imports it.
+torch is imported here and in `lora.py` (the LoRA mode), and only the converter imports either: the runtime never
+loads torch (tests/test_imports.py).
 """
 
 from __future__ import annotations

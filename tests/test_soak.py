@@ -84,3 +84,28 @@ def test_too_few_documents_or_cycles_are_refused():
         soak(docs=2, cycles=5)
     usage = CliRunner().invoke(app, ["bench", "soak", "--cycles", "2"])
     assert usage.exit_code == 2 and "Invalid value for '--cycles'" in usage.stderr
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("tap", ["c", "python"])
+def test_classifiers_and_their_readings_leave_nothing_for_the_garbage_collector(tap):
+    """What a long run must not leave behind: reference cycles only the garbage collector frees, made per Classifier
+    (the eval callback's closures) or per sentence (ctypes array types made anew, pysbd's rules class)."""
+    import gc
+
+    from edge2dexit import Classifier
+
+    texts = soak_texts()[:12]
+    with Classifier(settings=EngineSettings(n_ctx=512, tap=tap)) as clf:  # what is made once per process
+        list(clf.classify_many(texts))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(2):
+            with Classifier(settings=EngineSettings(n_ctx=512, tap=tap)) as clf:
+                list(clf.classify_many(texts))
+                clf.classify(texts[-1], policy="paper2d")
+            del clf
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -7,7 +7,10 @@ document or cycle — once lazy loading is behind it —, in the middle and at t
 and also end against middle: a leak grows in both halves, a one-time step only in the first. One such step is
 glibc's: the first Classifier's buffers are mmapped and unmapped, which raises glibc's mmap threshold, so the
 second one's come from the heap, which glibc keeps once they are freed (some 15 MiB; malloc_trim gives it back).
-Linux only: both figures come from /proc/self.
+So the aim — flat within AIM — is judged on the second half (end against middle), which a leak cannot pass and a
+one-time step does not fail; the whole run's drift is printed beside it. (A slower creep that `gc.collect()`
+removed came from reference cycles around the eval-callback tap and from ctypes array types made per sentence:
+both are gone, tests/test_soak.py.) Linux only: both figures come from /proc/self.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class Phase:
         return (getattr(self.end, figure) - first) / first
 
     def flat(self, figure: str) -> bool:
-        return abs(self.drift(figure)) <= AIM
+        """Whether the second half stayed within AIM: a leak grows there, a one-time step does not."""
+        return abs(self.drift(figure, "middle")) <= AIM
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,10 @@ class Soak:
                 s = getattr(phase, point)
                 lines.append(f"{phase.name:10} {point:8} {s.done:6} {s.rss_mib:9.1f} {s.fds:9}")
             lines.append(f"{phase.name:10} {'drift':8} {'':6} {phase.drift('rss_mib'):+9.1%} "
-                         f"{phase.drift('fds'):+9.1%}   flat: RSS {_yes(phase.flat('rss_mib'))}, "
-                         f"fds {_yes(phase.flat('fds'))}   ({phase.seconds:.0f} s)")
+                         f"{phase.drift('fds'):+9.1%}   (end against start)   ({phase.seconds:.0f} s)")
             lines.append(f"{phase.name:10} {'2nd half':8} {'':6} {phase.drift('rss_mib', 'middle'):+9.1%} "
-                         f"{phase.drift('fds', 'middle'):+9.1%}   (end against middle)")
+                         f"{phase.drift('fds', 'middle'):+9.1%}   (end against middle)   flat: RSS "
+                         f"{_yes(phase.flat('rss_mib'))}, fds {_yes(phase.flat('fds'))}")
         return "\n".join(lines)
 
 

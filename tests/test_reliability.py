@@ -287,6 +287,19 @@ def test_a_device_that_never_ends_is_refused_at_once():
         assert_exit(cli("classify", device, *N_CTX, timeout=120), 3, f"{device}: ", "binary")
 
 
+def test_standard_input_by_line_ends_at_binary_and_skips_a_line_too_long():
+    """Read by line, /dev/zero is one error record and the end of the input, not a line read until memory runs out;
+    a line over 16 MiB is an error record, skipped without being held, and the lines after it are read."""
+    zero = bash('"$E" classify - --lines --json --n-ctx 512 < /dev/zero', timeout=120)
+    assert zero.returncode == 3 and "Traceback" not in zero.stderr, zero.stderr
+    assert [(r["input"], "binary" in r["error"]) for r in json_records(zero.stdout)] == [("stdin:1", True)]
+    long = cli("classify", "-", "--lines", "--json", "--ordered", *N_CTX,
+               input=f"{GOOD}\n{'x' * (17 << 20)}\n{BAD}\n")
+    records = json_records(long.stdout)
+    assert long.returncode == 3 and [r["input"] for r in records] == ["stdin:1", "stdin:2", "stdin:3"], long.stderr
+    assert "label" in records[0] and "16 MiB" in records[1]["error"] and "label" in records[2]
+
+
 def test_a_pipe_and_dev_stdin_are_inputs(review):
     direct = cli("classify", review, "--json", *N_CTX)
     assert direct.returncode == 0, direct.stderr

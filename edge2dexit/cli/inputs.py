@@ -46,6 +46,7 @@ def read_text(source: str) -> str:
 
 
 _CHUNK = 1 << 20
+_LONGEST_LINE = 16 << 20  # bytes of one text in standard input read by line
 
 
 def _read_until_binary(stream: BinaryIO) -> bytes:
@@ -114,14 +115,31 @@ def _directory(source: str) -> Iterator[Item]:
 
 
 def _stdin_lines() -> Iterator[Item]:
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
+    """One item per line of standard input, each line read at most `_LONGEST_LINE` bytes at a time: a longer line
+    is an error item and is skipped to its end without being held, and NUL bytes end the input with an error item,
+    since a binary stream (/dev/zero) has no lines to read and may never end."""
+    stdin = sys.stdin.buffer
+    number = 0
+    while raw := stdin.readline(_LONGEST_LINE):
+        number += 1
+        item_id = f"stdin:{number}"
+        if b"\x00" in raw:
+            yield Item(item_id, None, InputError("binary (NUL bytes): standard input is not lines of text; "
+                                                 "reading stopped here"))
+            return
+        if not raw.endswith(b"\n") and len(raw) == _LONGEST_LINE:
+            while (rest := stdin.readline(_LONGEST_LINE)) and not rest.endswith(b"\n"):
+                pass
+            yield Item(item_id, None, InputError(f"a line longer than {_LONGEST_LINE >> 20} MiB: give such a text "
+                                                 "as a file of its own"))
+            continue
         line = raw.rstrip(b"\r\n")
         if not line.strip():
             continue
         try:
-            yield Item(f"stdin:{number}", decode_text(line))
+            yield Item(item_id, decode_text(line))
         except Edge2DExitError as exc:
-            yield Item(f"stdin:{number}", None, exc)
+            yield Item(item_id, None, exc)
 
 
 def _table_rows(path: Path, column: str, id_column: str | None) -> Iterator[Item]:

@@ -157,9 +157,9 @@ def test_a_bundle_whose_adapter_is_missing_or_altered_is_refused(lora_bundle, tm
     assert result.exit_code == BundleError.exit_code and "needs its LoRA adapter" in result.output
 
 
-def test_training_resumes_after_the_last_epoch_saved(smollm2_path, tmp_path, capfd):
-    """An interrupted training (here: one of two epochs) goes on from its checkpoint and ends where an uninterrupted
-    run ends; a finished one trains nothing more."""
+def test_training_resumes_after_the_last_checkpoint(smollm2_path, tmp_path, capfd):
+    """An interrupted training (one of two epochs; cut off within an epoch) goes on from its checkpoint and ends
+    where an uninterrupted run ends; a finished one trains nothing more."""
     from edge2dexit.convert.settings import TrainSettings
 
     with Engine.load(smollm2_path, EngineSettings(n_ctx=256), prompt=TASK_PROMPT) as base:
@@ -183,3 +183,26 @@ def test_training_resumes_after_the_last_epoch_saved(smollm2_path, tmp_path, cap
     again, report = train(2, tmp_path / "lora")  # finished: nothing left to train, the same adapter comes back
     assert "resumed after epoch 2" in capfd.readouterr().err
     np.testing.assert_array_equal(again[next(iter(again))][1], resumed[next(iter(resumed))][1])
+
+    # cut off within the first epoch, after its first optimiser step (a save every batch of 2 documents)
+    calls = 0
+    step = torch.optim.AdamW.step
+
+    def cut_off(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    settings = LoraSettings(**{**settings.__dict__, "checkpoint_every": 2})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", cut_off)
+        with pytest.raises(KeyboardInterrupt):
+            train(2, tmp_path / "cut")
+    within, report = train(2, tmp_path / "cut")
+    assert "resumed after 2 documents into epoch 1" in capfd.readouterr().err
+    assert [e["epoch"] for e in report.epochs] == [1, 2]
+    for name, (a, b) in straight.items():
+        np.testing.assert_allclose(within[name][0], a, atol=1e-6)
+        np.testing.assert_allclose(within[name][1], b, atol=1e-6)

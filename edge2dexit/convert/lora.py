@@ -184,8 +184,9 @@ def finetune(
     """Train LoRA adapters and auxiliary heads on `docs`; returns the peft model with the adapters of the epoch of
     lowest validation loss (documents set aside by class, as for the heads).
 
-    With `checkpoint` (a directory), the training state is saved there after every epoch, and a run with the same
-    model file, settings and documents resumes after the last epoch saved (a finished one trains nothing)."""
+    With `checkpoint` (a directory), the training state is saved there after every epoch and every
+    `settings.checkpoint_every` documents within one, and a run with the same model file, settings and documents
+    resumes where the last save left off (a finished one trains nothing)."""
     started = time.perf_counter()
     labels = np.array([d.label for d in docs])
     if len(np.unique(labels)) < 2:
@@ -209,10 +210,11 @@ def finetune(
 def _fingerprint(model_path: str | Path, docs: Sequence[TokenizedDoc], n_classes: int, settings: LoraSettings,
                  head: TrainSettings) -> str:
     """What a training run depends on: a checkpoint of another model, settings or documents is never resumed. The
-    number of epochs is left out, so that a run may go on for more epochs than an earlier one trained."""
+    number of epochs and how often to save are left out, so that a run may go on for more epochs than an earlier one
+    trained."""
     from ..cache import sha256_file
 
-    trained = {k: v for k, v in asdict(settings).items() if k != "epochs"}
+    trained = {k: v for k, v in asdict(settings).items() if k not in ("epochs", "checkpoint_every")}
     digest = hashlib.sha256(json.dumps([sha256_file(model_path), n_classes, trained, asdict(head)],
                                        default=str).encode())
     for doc in docs:
@@ -221,17 +223,17 @@ def _fingerprint(model_path: str | Path, docs: Sequence[TokenizedDoc], n_classes
 
 
 class _Checkpoint:
-    """The training state after each epoch, in a directory: `state.pt` (tensors only, read back with
-    weights_only=True) and `meta.json` (the run's fingerprint, the epochs done, their history). Each file is
-    replaced whole (`files`), the state first, so an interrupted save leaves the previous epoch's meta pointing at
-    a state at least as new."""
+    """The training state, in a directory: `state.pt` (tensors only, read back with weights_only=True) and
+    `meta.json` (the run's fingerprint, the epochs done and the documents done of the next, the history). Each file
+    is replaced whole (`files`), the state first, so an interrupted save leaves the previous meta pointing at a
+    state at least as new, and at most the documents since then are trained again."""
 
     def __init__(self, directory: Path, fingerprint: str):
         self.directory, self.fingerprint = directory, fingerprint
         self._state, self._meta = directory / "state.pt", directory / "meta.json"
 
     def load(self) -> tuple[dict, dict] | None:
-        """(meta, state) of the last epoch saved by this very run, or None."""
+        """(meta, state) of the last save of this very run, or None."""
         try:
             meta = json.loads(self._meta.read_text())
         except (OSError, ValueError):
@@ -240,12 +242,14 @@ class _Checkpoint:
             return None
         return meta, torch.load(self._state, weights_only=True)
 
-    def save(self, epoch: int, history: list[dict], best: tuple[float, int], seconds: float, state: dict) -> None:
+    def save(self, epoch: int, step: int, history: list[dict], best: tuple[float, int], seconds: float,
+             state: dict) -> None:
+        """`epoch` epochs done, and `step` documents of the next."""
         self.directory.mkdir(parents=True, exist_ok=True)
         with replacing(self._state) as part:
             torch.save(state, part)
-        meta = {"fingerprint": self.fingerprint, "epoch": epoch, "history": history, "best_loss": best[0],
-                "best_epoch": best[1], "seconds": seconds}
+        meta = {"fingerprint": self.fingerprint, "epoch": epoch, "step": step, "history": history,
+                "best_loss": best[0], "best_epoch": best[1], "seconds": seconds}
         write_text(self._meta, json.dumps(meta))
 
 
@@ -270,29 +274,40 @@ def _train(model: nn.Module, taps: _LayerOutputs, docs: Sequence[TokenizedDoc], 
 
     order = np.random.default_rng(settings.seed)
     history, best = [], (math.inf, 0, None)
-    first = 1
+    first, skip = 1, 0
     resumed = checkpoint.load() if checkpoint is not None else None
     if resumed is not None:
         meta, state = resumed
         model.load_state_dict(state["lora"], strict=False)
         heads.load_state_dict(state["heads"])
         optimiser.load_state_dict(state["optimiser"])
-        history, first = meta["history"], meta["epoch"] + 1
+        history, first, skip = meta["history"], meta["epoch"] + 1, meta.get("step", 0)
         started -= meta["seconds"]  # the report counts the training time of every run
         best = (meta["best_loss"], meta["best_epoch"], state["best_lora"])
         for _ in range(meta["epoch"]):  # the document orders of the epochs done, so that the next one is the same
             order.permutation(train_docs)
-        print(f"LoRA: resumed after epoch {meta['epoch']} from {checkpoint.directory}", file=sys.stderr)
+        at = f"{skip} documents into epoch {first}" if skip else f"epoch {meta['epoch']}"
+        print(f"LoRA: resumed after {at} from {checkpoint.directory}", file=sys.stderr)
+
+    def save(epoch: int, step: int) -> None:
+        state = {"lora": _lora_state(model), "heads": heads.state_dict(), "optimiser": optimiser.state_dict(),
+                 "best_lora": best[2]}
+        checkpoint.save(epoch, step, history, best[:2], time.perf_counter() - started, state)
+
+    # a save within an epoch falls on an optimiser step, where no gradient is pending
+    every = max(1, settings.checkpoint_every // settings.batch) * settings.batch
     for epoch in range(first, settings.epochs + 1):
         model.train()
-        step = 0
-        for i in tqdm(order.permutation(train_docs), desc=f"LoRA epoch {epoch}", unit="doc", file=sys.stderr,
-                      disable=None):
+        start = skip if epoch == first else 0
+        permutation = order.permutation(train_docs)
+        for step, i in enumerate(tqdm(permutation[start:], desc=f"LoRA epoch {epoch}", unit="doc", file=sys.stderr,
+                                      disable=None), start=start + 1):
             (loss_of(docs[i])[0] / settings.batch).backward()
-            step += 1
             if step % settings.batch == 0 or step == len(train_docs):
                 optimiser.step()
                 optimiser.zero_grad()
+                if checkpoint is not None and step % every == 0 and step < len(train_docs):
+                    save(epoch - 1, step)
         model.eval()
         with torch.no_grad():
             results = [loss_of(docs[i]) for i in val_docs]
@@ -302,9 +317,7 @@ def _train(model: nn.Module, taps: _LayerOutputs, docs: Sequence[TokenizedDoc], 
         if val_loss < best[0]:
             best = (val_loss, epoch, _lora_state(model))
         if checkpoint is not None:
-            state = {"lora": _lora_state(model), "heads": heads.state_dict(), "optimiser": optimiser.state_dict(),
-                     "best_lora": best[2]}
-            checkpoint.save(epoch, history, best[:2], time.perf_counter() - started, state)
+            save(epoch, 0)
     model.load_state_dict(best[2], strict=False)
     return model, LoraReport(settings, len(train_docs), history, best[1], time.perf_counter() - started)
 

@@ -233,7 +233,7 @@ def trust_on(store: FeatureStore, heads, trust: TrustCalibration, chosen: Point,
 
 def _finetune(settings: ConvertSettings, model_path: Path, prompt: str, splitter: Splitter, splits: Splits,
               path: Path, checkpoint: Path) -> tuple[Path, lora.LoraReport]:
-    """Train a LoRA adapter on the training split (resuming from `checkpoint` after the last epoch saved), write it
+    """Train a LoRA adapter on the training split (resuming from `checkpoint` where its last save left off), write it
     to `path`, and check that llama.cpp applies it as torch trained it."""
     train = splits.train
     with Engine.load(model_path, settings.engine, prompt=prompt) as base:

@@ -59,10 +59,13 @@ class LoraSettings:
     depth: int | None = None
     stats_documents: int = 32  # documents whose base states standardise the auxiliary heads' inputs
     seed: int = 0
+    # training documents between checkpoints within an epoch: a run cut off (a session's end) loses at most these
+    # (~3 min on a 2-core CPU at depth 15) instead of the whole epoch (~1 h for 4,000 reviews)
+    checkpoint_every: int = 256
 
     def __post_init__(self) -> None:
-        if min(self.rank, self.epochs, self.batch, self.stats_documents, self.depth or 1) < 1 or self.alpha <= 0:
-            raise ValueError("rank, epochs, batch, stats_documents and depth must be at least 1 and alpha positive")
+        if min(self.rank, self.epochs, self.batch, self.stats_documents, self.checkpoint_every, self.depth or 1) < 1 or self.alpha <= 0:
+            raise ValueError("rank, epochs, batch, stats_documents, checkpoint_every and depth must be at least 1 and alpha positive")
         if not self.targets:
             raise ValueError("LoRA needs at least one target projection")
         if not 0 < self.validation_fraction < 1:

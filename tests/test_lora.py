@@ -172,14 +172,17 @@ def test_training_resumes_after_the_last_checkpoint(smollm2_path, tmp_path, capf
                                       TrainSettings(hidden=4), threads=1, checkpoint=checkpoint)
         return lora.adapter_pairs(model, "llama")[0], report
 
+    def assert_resumed_to(adapter, report, message):
+        assert message in capfd.readouterr().err
+        assert [e["epoch"] for e in report.epochs] == [1, 2]
+        for name, (a, b) in straight.items():
+            np.testing.assert_allclose(adapter[name][0], a, atol=1e-6)
+            np.testing.assert_allclose(adapter[name][1], b, atol=1e-6)
+
     straight, _ = train(2)
     train(1, tmp_path / "lora")
     resumed, report = train(2, tmp_path / "lora")
-    assert "resumed after epoch 1" in capfd.readouterr().err
-    assert [e["epoch"] for e in report.epochs] == [1, 2]
-    for name, (a, b) in straight.items():
-        np.testing.assert_allclose(resumed[name][0], a, atol=1e-6)
-        np.testing.assert_allclose(resumed[name][1], b, atol=1e-6)
+    assert_resumed_to(resumed, report, "resumed after epoch 1")
     again, report = train(2, tmp_path / "lora")  # finished: nothing left to train, the same adapter comes back
     assert "resumed after epoch 2" in capfd.readouterr().err
     np.testing.assert_array_equal(again[next(iter(again))][1], resumed[next(iter(resumed))][1])
@@ -201,8 +204,4 @@ def test_training_resumes_after_the_last_checkpoint(smollm2_path, tmp_path, capf
         with pytest.raises(KeyboardInterrupt):
             train(2, tmp_path / "cut")
     within, report = train(2, tmp_path / "cut")
-    assert "resumed after 2 documents into epoch 1" in capfd.readouterr().err
-    assert [e["epoch"] for e in report.epochs] == [1, 2]
-    for name, (a, b) in straight.items():
-        np.testing.assert_allclose(within[name][0], a, atol=1e-6)
-        np.testing.assert_allclose(within[name][1], b, atol=1e-6)
+    assert_resumed_to(within, report, "resumed after 2 documents into epoch 1")

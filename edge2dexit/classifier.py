@@ -23,6 +23,8 @@ The classifier never downloads: the base model comes from the bundle directory, 
 
 from __future__ import annotations
 
+from . import native  # noqa: F401  (first: llama.cpp loaded before numpy, docs/llama-cpp.md §10)
+
 import os
 import threading
 import time

@@ -20,6 +20,8 @@ a decode) llama.cpp's numbers differ in the last digits (docs/llama-cpp.md §5).
 
 from __future__ import annotations
 
+from . import native  # noqa: F401  (first: llama.cpp loaded before numpy, docs/llama-cpp.md §10)
+
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field

@@ -21,7 +21,9 @@ bundle (a few MB) is small enough to ship, but it too is read from a path, and o
 missing), so that workers never download anything and a missing file fails before the job starts.
 
 Importing this module does not import Ray (only `classify_dataset`, handed a Ray dataset, does): Ray imports it in
-its workers, and the package stays usable without Ray. It does import pyarrow, a dependency of Ray Data.
+its workers, and the package stays usable without Ray. It does import pyarrow, a dependency of Ray Data, which
+imports numpy: llama.cpp is loaded before it (`native`), since a Ray worker has not loaded numpy when it imports
+this module, and on a CUDA build numpy first crashes the model load (docs/llama-cpp.md §10).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
+from . import native  # noqa: F401  (first: llama.cpp loaded before pyarrow's numpy)
+
+import pyarrow as pa  # noqa: E402
 
 from .bundle import load_bundle
 from .classifier import DEFAULT_BUNDLE, Classifier, Result, base_model_path

@@ -9,6 +9,8 @@ resolved once, here, at import, before any of that.
 
 from __future__ import annotations
 
+import edge2dexit.native  # noqa: F401  (first: the order a CUDA build needs, docs/llama-cpp.md §10)
+
 import os
 import shutil
 import tempfile

@@ -113,8 +113,16 @@ def test_commands_that_read_a_model_load_llama_cpp_before_numpy(argv):
     assert first_imported(command, "numpy", "llama_cpp") == ["llama_cpp", "numpy"]
 
 
-def test_asking_the_package_for_a_classifier_loads_llama_cpp_before_numpy():
-    assert first_imported("from edge2dexit import Classifier", "numpy", "llama_cpp") == ["llama_cpp", "numpy"]
+@pytest.mark.parametrize("statement", ["from edge2dexit import Classifier", "import edge2dexit.classifier",
+                                       "import edge2dexit.engine"])
+def test_the_library_s_ways_in_load_llama_cpp_before_numpy(statement):
+    assert first_imported(statement, "numpy", "llama_cpp") == ["llama_cpp", "numpy"]
+
+
+def test_a_ray_worker_loads_llama_cpp_before_numpy():
+    """A Ray worker has not imported numpy when it imports `ray_data` to run the classifying actor (checked with
+    Ray 2.x: a fresh worker holds neither); that import loads llama.cpp before pyarrow loads numpy."""
+    assert first_imported("import edge2dexit.ray_data", "numpy", "llama_cpp") == ["llama_cpp", "numpy"]
 
 
 @pytest.mark.llama

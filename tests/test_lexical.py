@@ -158,6 +158,23 @@ def test_a_text_the_words_decide_never_reaches_llama_cpp(lexical_bundle, monkeyp
 
 
 @pytest.mark.llama
+def test_eval_measures_speed_against_the_llm_reading_everything(lexical_bundle):
+    """Behind the words, `full` may read nothing (calibration lets the words answer all where full depth cannot meet
+    the target): every speed-up is then against `full (LLM only)`, never a division by a cost of 0."""
+    from edge2dexit.measure.evaluate import LLM_ONLY, evaluate
+
+    texts = ["I loved every minute of it. The acting was superb.", "The film runs two hours. It was dreadful."]
+    with Classifier(lexical_bundle.bundle, settings=EngineSettings(n_ctx=512)) as clf:
+        ev = evaluate(clf, texts, [1, 0], ("prefix-mean",))
+    assert ev.full_read.token_layers > 0
+    if f"full {LLM_ONLY}" in ev.scores:
+        assert ev.full_read is ev.scores[f"full {LLM_ONLY}"]
+    table = ev.table()
+    reference = next(line for line in table.splitlines() if line.startswith(ev.full_read.policy + " "))
+    assert reference.count("1.00×") == 3 and "inf" not in table  # against itself; a row that read nothing: ∞
+
+
+@pytest.mark.llama
 def test_the_model_card_and_report_show_the_words_share(lexical_bundle):
     card = (lexical_bundle.bundle / "README.md").read_text()
     assert "answered by the words" in card and "lexical head" in card

@@ -49,7 +49,7 @@ def write_figures(ev: Evaluation, calibration: Mapping[str, Any], directory: str
         read = [p for p in points if p["cost"] > 0]  # a point where the words answer everything reads nothing
         ax.plot([1 / p["cost"] for p in read], [p["accuracy"] for p in read], "o-", ms=3, c=colour.get(name),
                 label=f"{name} (calibration)")
-    full = ev.scores["full"].token_layers
+    full = ev.full_read.token_layers
     for name, score in ev.scores.items():
         if score.token_layers > 0:
             base = name.split(" ")[0]

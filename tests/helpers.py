@@ -109,6 +109,17 @@ def documented_exit_codes() -> dict[int, str]:
     return {int(code): meaning for code, meaning in re.findall(r"^\| (\d+) \| (.+?) \|$", section, re.MULTILINE)}
 
 
+# --- a fresh interpreter ---------------------------------------------------------------------------------------
+
+def loaded_after(statements: list[str], watched: tuple[str, ...]) -> set[str]:
+    """Which of the `watched` modules are in sys.modules after running `statements` in a fresh interpreter."""
+    code = "\n".join(["import json, sys", *statements,
+                      f"print(json.dumps([m for m in {watched!r} if m in sys.modules]))"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
 # --- two reads of one text ------------------------------------------------------------------------------------
 
 # A margin (p_top1 − p_top2) moves up to twice as far as one probability.

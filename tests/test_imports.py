@@ -4,26 +4,20 @@ llama.cpp only in a command that reads a model; the runtime nothing of `measure`
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+import helpers
+
 HEAVY = ("llama_cpp", "torch", "transformers")
 
 
 def loaded_after(*statements: str) -> set[str]:
-    """The HEAVY modules in sys.modules after running `statements` in a fresh interpreter."""
-    code = "\n".join([
-        "import json, sys",
-        *statements,
-        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))",
-    ])
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+    """The HEAVY modules loaded after running `statements` in a fresh interpreter."""
+    return helpers.loaded_after(list(statements), HEAVY)
 
 
 def test_pure_modules_load_neither_llama_cpp_nor_torch():

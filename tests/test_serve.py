@@ -9,8 +9,6 @@ import json
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +19,7 @@ from websockets.sync.client import connect
 
 from edge2dexit.measure.serve import running_service
 
-from helpers import REVIEW, REVIEWS, assert_same_decision
+from helpers import REVIEW, REVIEWS, assert_same_decision, loaded_after
 
 pytestmark = pytest.mark.llama
 
@@ -310,17 +308,13 @@ def test_sigterm_under_load_answers_or_refuses_every_request():
 
 
 def test_serve_and_its_help_load_no_model_and_no_server_stack_until_they_run():
-    code = "\n".join([
-        "import sys",
+    loaded = loaded_after([
         "from edge2dexit.cli import main",
         "for argv in (['serve', '--help'], ['bench', 'serve', '--help']):",
         "    sys.argv = ['edge2dexit', *argv]",
         "    try:\n        main()\n    except SystemExit as exit:\n        assert exit.code in (0, None), exit.code",
-        "print([m for m in ('llama_cpp', 'starlette', 'uvicorn', 'httpx') if m in sys.modules])",
-    ])
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    ], ("llama_cpp", "starlette", "uvicorn", "httpx"))
+    assert loaded == set()
 
 
 @pytest.mark.slow

@@ -90,6 +90,9 @@ class Bundle:
     lexical: LexicalHead | None = None  # the exit on the words alone, before any layer
     # per policy: the lexical head answers when its top probability is at least this (None, or absent: never)
     lexical_thresholds: dict[str, float | None] = field(default_factory=dict)
+    # per policy: the parameters calibrated for reading with the lexical exit off; behind the words a policy was
+    # calibrated on the documents they leave, and may read too little for the rest (absent: its own parameters)
+    llm_only_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     trust: Trust | None = None  # abstention margins and prediction-set thresholds of one policy
     directory: Path | None = field(default=None, compare=False)
 
@@ -130,14 +133,18 @@ class Bundle:
         if self.trust is not None and self.trust.policy not in self.policies:
             raise BundleError(f"the trust record is for the policy {self.trust.policy!r}, which the bundle lacks")
 
-    def trust_for(self, policy: str) -> Trust:
-        """The abstention margins and prediction-set thresholds calibrated for `policy` (SettingsError: none)."""
+    def trust_for(self, policy: str, behind_words: bool) -> Trust:
+        """The abstention margins and prediction-set thresholds calibrated for `policy`, read behind the lexical
+        exit or without it (SettingsError: none calibrated for that)."""
         if self.trust is None:
             raise SettingsError("this bundle has no calibrated abstention or prediction sets: convert it again "
                                 "with this edge2dexit")
         if self.trust.policy != policy:
             raise SettingsError(f"abstention and prediction sets were calibrated for the {self.trust.policy} policy "
                                 f"of this bundle, not {policy}")
+        if not behind_words and self.lexical_threshold(policy) is not None:
+            raise SettingsError("abstention and prediction sets were calibrated with the lexical exit answering "
+                                "first; they hold only with it on (drop --no-lexical)")
         return self.trust
 
     def _check_lexical(self) -> None:
@@ -152,6 +159,12 @@ class Bundle:
             if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
                 raise BundleError(f"the lexical threshold of {policy} must be a probability or null, got "
                                   f"{threshold!r}")
+        if self.llm_only_policies and self.lexical is None:
+            raise BundleError("the bundle has policy parameters for reading without a lexical head it lacks")
+        for policy, params in self.llm_only_policies.items():
+            if policy not in self.policies or not isinstance(params, dict):
+                raise BundleError(f"the parameters for reading without the words given for {policy!r} must be an "
+                                  "object, for a policy of the bundle")
 
     def lexical_threshold(self, policy: str) -> float | None:
         """The top lexical probability at or above which the words alone answer for `policy` (None: never)."""
@@ -208,11 +221,13 @@ class Bundle:
             raise BundleError(f"bundle was built for {self.base.describe()} but the model is {model.describe()}; "
                               "use the bundle's own base model or convert the heads again for this one")
 
-    def policy_params(self, name: str) -> dict[str, Any]:
+    def policy_params(self, name: str, behind_words: bool = True) -> dict[str, Any]:
+        """Policy `name`'s calibrated parameters: behind the lexical exit, or for reading every text without it."""
         try:
-            return self.policies[name]
+            params = self.policies[name]
         except KeyError:
             raise BundleError(f"bundle has no policy {name!r}; it has {', '.join(self.policies)}") from None
+        return params if behind_words else self.llm_only_policies.get(name, params)
 
 
 def _check_head_kind(kind: str) -> str:
@@ -254,11 +269,12 @@ def _metadata(bundle: Bundle) -> list[tuple[Key, Any]]:
     ]
     version = _format_version(bundle)
     if version >= keys.LORA_FORMAT_VERSION:
-        lora = bundle.lora or LoraRef("", "")  # version 4 names no adapter with empty strings
+        lora = bundle.lora or LoraRef("", "")  # versions 4 and 5 name no adapter with empty strings
         items += [(e.LORA_FILE, lora.file), (e.LORA_SHA256, lora.sha256)]
     if version >= keys.LEXICAL_FORMAT_VERSION:
         items += [(e.LEXICAL_ANALYZER, bundle.lexical.analyzer if bundle.lexical else ""),
                   (e.LEXICAL_THRESHOLDS, json.dumps(bundle.lexical_thresholds)),
+                  (e.LLM_ONLY_POLICIES, json.dumps(bundle.llm_only_policies)),
                   (e.TRUST, json.dumps(bundle.trust.to_json()) if bundle.trust else "")]
     items += [(Keys.exit_layers(p), list(h.layers)) for p, h in bundle.heads.items()]
     items += [(Keys.policy(name), json.dumps(params)) for name, params in bundle.policies.items()]
@@ -268,7 +284,7 @@ def _metadata(bundle: Bundle) -> list[tuple[Key, Any]]:
 def _format_version(bundle: Bundle) -> int:
     """The oldest format that carries everything `bundle` has."""
     if bundle.lexical is not None or bundle.trust is not None:
-        return keys.LEXICAL_FORMAT_VERSION
+        return keys.LLM_ONLY_FORMAT_VERSION
     return keys.LORA_FORMAT_VERSION if bundle.lora is not None else keys.OLDEST_FORMAT_VERSION
 
 
@@ -453,9 +469,12 @@ def _read(path: Path) -> Bundle:
         lora_file = _value(reader, e.LORA_FILE)
         if lora_file or version == keys.LORA_FORMAT_VERSION:  # version 3 always names one
             lora = LoraRef(lora_file, _value(reader, e.LORA_SHA256))
-    lexical, thresholds, trust = None, {}, None
+    lexical, thresholds, llm_only, trust = None, {}, {}, None
     if _carries(reader, e.TRUST, "abstention margins", version, keys.LEXICAL_FORMAT_VERSION):
         thresholds = _json_object(e.LEXICAL_THRESHOLDS.name, _value(reader, e.LEXICAL_THRESHOLDS))
+        if _carries(reader, e.LLM_ONLY_POLICIES, "parameters for reading without the words", version,
+                    keys.LLM_ONLY_FORMAT_VERSION):
+            llm_only = _json_object(e.LLM_ONLY_POLICIES.name, _value(reader, e.LLM_ONLY_POLICIES))
         lexical = _read_lexical(tensors, analyzer) if analyzer else None
         record = _value(reader, e.TRUST)
         trust = Trust.from_json(_json_object(e.TRUST.name, record)) if record else None
@@ -473,6 +492,7 @@ def _read(path: Path) -> Bundle:
         lora=lora,
         lexical=lexical,
         lexical_thresholds=thresholds,
+        llm_only_policies=llm_only,
         trust=trust,
     )
 

@@ -182,7 +182,8 @@ class Classifier(Owner):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE)
         self.policy_name = policy or self.bundle.default_policy
         self.lexical = lexical and self.bundle.lexical is not None
-        trust = self.bundle.trust_for(self.policy_name) if max_error is not None or coverage is not None else None
+        trust = (self.bundle.trust_for(self.policy_name, self.lexical)
+                 if max_error is not None or coverage is not None else None)
         self.abstain_below = trust.margin_for(max_error) if max_error is not None else None
         self.set_threshold = trust.threshold_for(coverage) if coverage is not None else None
         self.model_path = base_model_path(self.bundle, model)
@@ -194,11 +195,12 @@ class Classifier(Owner):
             Engine.load(self.model_path, settings, prompt=self.bundle.task_prompt, lora=self.bundle.lora_file()))
         self.bundle.check_base(sha256_file(self.model_path), self.engine.architecture, self.engine.n_layer,
                                self.engine.n_embd)
-        self.policy = self.make_policy(self.policy_name)
+        self.policy = self.make_policy(self.policy_name, self.lexical)
 
-    def make_policy(self, name: str) -> Policy:
-        """Policy `name` with its calibrated parameters; the default one reads on below the abstention margin."""
-        params = self.bundle.policy_params(name)
+    def make_policy(self, name: str, behind_words: bool) -> Policy:
+        """Policy `name` with its parameters calibrated behind the lexical exit or for reading without it; the
+        default one reads on below the abstention margin."""
+        params = self.bundle.policy_params(name, behind_words)
         floor = policy_class(name).margin_floor
         if name == self.policy_name and self.abstain_below is not None and floor is not None:
             params = {**params, floor: self.abstain_below}
@@ -210,13 +212,13 @@ class Classifier(Owner):
 
     def classify(self, text: str, policy: str | None = None, lexical: bool | None = None) -> Result:
         """Classify one text; `lexical` (default: the classifier's) lets the words alone answer where they decide."""
-        name = policy or self.policy_name
+        name, words = policy or self.policy_name, self._asks_words(lexical)
         started = time.perf_counter()
-        if (words := self._lexical_decision(text, name, lexical)) is not None:
-            return self._result(name, words, None, None, started, False)
+        if words and (decision := self._lexical_decision(text, name)) is not None:
+            return self._result(name, decision, None, None, started, False)
         with self._engine_turn():
             doc = self.engine.document()
-            return self.engine.run(self.job(text, name, lexical=False, started=started)(doc))
+            return self.engine.run(self._reading(text, name, words, started)(doc))
 
     def classify_many(
         self, texts: Iterable[str] | Iterable[tuple[Hashable, str]], policy: str | None = None,
@@ -227,17 +229,17 @@ class Classifier(Owner):
         be classified (empty, too long, not a string: NaN or None from a table...): the others go on. Plain
         strings, and anything that is not a (key, text) pair, are keyed by their index. A text the words alone
         decide never takes a place among those in flight."""
-        name = policy or self.policy_name
-        self._policy(name)  # a bad policy name fails here, once, not once per text
+        name, words = policy or self.policy_name, self._asks_words(lexical)
+        self._policy(name, words)  # a bad policy name fails here, once, not once per text
         answered: deque[tuple[Hashable, Result]] = deque()  # by the words alone, waiting for the next yield
 
         def jobs() -> Iterator[tuple[Hashable, Callable[[Document], Reading[Result]]]]:
             for key, text in _keyed(texts):
                 started = time.perf_counter()
-                if (words := self._lexical_decision(text, name, lexical)) is not None:
-                    answered.append((key, self._result(name, words, None, None, started, False)))
+                if words and (decision := self._lexical_decision(text, name)) is not None:
+                    answered.append((key, self._result(name, decision, None, None, started, False)))
                 else:
-                    yield key, self.job(text, name, lexical=False, started=started)
+                    yield key, self._reading(text, name, words, started)
 
         with self._engine_turn():
             for done in self.engine.run_many(jobs()):
@@ -255,7 +257,7 @@ class Classifier(Owner):
     def stream(self, policy: str | None = None) -> "Stream":
         """Feed text piece by piece; see `Stream`. Only one stream or classification runs at a time."""
         name = policy or self.policy_name
-        return Stream(self, name, self._policy(name))
+        return Stream(self, name, self._policy(name, self.lexical))
 
     # For a caller that drives the engine itself: one thread that owns this classifier does all of its reading
     # (`Engine.run_many`, `Engine.run`), as the HTTP service's engine thread does. These take no turn (see
@@ -266,14 +268,24 @@ class Classifier(Owner):
         """The classification of `text` as a job for `Engine.run_many` (or `Engine.run` on one document): it reads
         on the document it is given and ends with the Result, or raises the text's Edge2DExitError. Where the
         words alone decide it reads nothing."""
-        name = policy or self.policy_name
+        name, words = policy or self.policy_name, self._asks_words(lexical)
         started = time.perf_counter() if started is None else started
+        read = self._reading(text, name, words, started)
 
         def reading(doc: Document) -> Reading[Result]:
-            if (words := self._lexical_decision(text, name, lexical)) is not None:
-                return self._result(name, words, None, None, started, False)
+            if words and (decision := self._lexical_decision(text, name)) is not None:
+                return self._result(name, decision, None, None, started, False)
+            return (yield from read(doc))
+
+        return reading
+
+    def _reading(self, text: str, name: str, behind_words: bool,
+                 started: float) -> Callable[[Document], Reading[Result]]:
+        """The LLM's reading of `text` with policy `name` (its parameters for behind the words, or without)."""
+
+        def reading(doc: Document) -> Reading[Result]:
             sentences = _Sentences(self, check_text(text), doc.room)
-            decision = yield from self._policy(name).read(doc, sentences)
+            decision = yield from self._policy(name, behind_words).read(doc, sentences)
             return self._result(name, decision, doc, sentences.total(), started, sentences.room.full)
 
         return reading
@@ -282,7 +294,7 @@ class Classifier(Owner):
         """A stream (see `Stream`) on sequence `seq` of the engine, which the caller keeps apart from every other
         document it reads."""
         name = policy or self.policy_name
-        return Stream(self, name, self._policy(name), seq)
+        return Stream(self, name, self._policy(name, self.lexical), seq)
 
     @contextmanager
     def _engine_turn(self) -> Iterator[None]:
@@ -300,17 +312,21 @@ class Classifier(Owner):
             finally:
                 self._reader = None
 
-    def _policy(self, name: str) -> Policy:
-        """The bundle's default policy is built once; others when asked for."""
-        return self.policy if name == self.policy_name else self.make_policy(name)
+    def _policy(self, name: str, behind_words: bool) -> Policy:
+        """The bundle's default policy, as this classifier reads, is built once; others when asked for."""
+        if name == self.policy_name and behind_words == self.lexical:
+            return self.policy
+        return self.make_policy(name, behind_words)
 
-    def _lexical_decision(self, text: str, name: str, lexical: bool | None) -> Decision | None:
-        """The words' answer, where the lexical exit is on (`lexical`, default the classifier's), the bundle has a
-        threshold for policy `name`, and the text's top lexical probability reaches it; else None (a text that is
-        not one is left to the reading, which refuses it)."""
-        on = self.lexical if lexical is None else lexical and self.bundle.lexical is not None
+    def _asks_words(self, lexical: bool | None) -> bool:
+        """Whether the lexical exit is asked first: `lexical` (default: the classifier's), where the bundle has one."""
+        return self.lexical if lexical is None else lexical and self.bundle.lexical is not None
+
+    def _lexical_decision(self, text: str, name: str) -> Decision | None:
+        """The words' answer, where the bundle has a threshold for policy `name` and the text's top lexical
+        probability reaches it; else None (a text that is not one is left to the reading, which refuses it)."""
         threshold = self.bundle.lexical_threshold(name)
-        if not on or threshold is None:
+        if threshold is None:
             return None
         try:
             p = self.bundle.lexical.proba(check_text(text))
@@ -414,8 +430,8 @@ class Stream(Owner):
         return self.result
 
     def finish(self) -> Result:
-        if self.result is None and (words := self.classifier._lexical_decision("".join(self._text), self.name,
-                                                                              None)) is not None:
+        if self.result is None and self.classifier.lexical and (
+                words := self.classifier._lexical_decision("".join(self._text), self.name)) is not None:
             self._decided(words, total=None)
         if self.result is None:
             self._read(self._pieces.close())

@@ -16,12 +16,14 @@ from gguf import GGUFValueType
 
 # Bump on any change an older reader would misread. 2: policy names and parameters of 0.2; 3: a LoRA adapter file
 # beside the exits (a reader of 2 would classify without it); 4: a lexical head and its thresholds, abstention
-# margins. A bundle is written in the oldest version that carries what it has. Version 3 always names its adapter;
-# version 4 always has every optional key, empty where the bundle has no such part: a key lost to damage is then a
-# missing key, never a part silently left out.
+# margins; 5: each policy's parameters for reading without the lexical exit (a reader of 4 would read with the
+# parameters calibrated behind the words). A bundle is written in the oldest version that carries what it has.
+# Version 3 always names its adapter; versions 4 and 5 always have every optional key, empty where the bundle has no
+# such part: a key lost to damage is then a missing key, never a part silently left out.
 LORA_FORMAT_VERSION = 3  # written when a bundle has an adapter and nothing newer
-LEXICAL_FORMAT_VERSION = 4  # written when a bundle has a lexical head or abstention margins
-FORMAT_VERSION = 4  # the newest this package reads
+LEXICAL_FORMAT_VERSION = 4  # read: a lexical head and its thresholds, abstention margins (no longer written)
+LLM_ONLY_FORMAT_VERSION = 5  # written when a bundle has a lexical head or abstention margins
+FORMAT_VERSION = 5  # the newest this package reads
 OLDEST_FORMAT_VERSION = 2
 
 # Values of fixed keys.
@@ -93,6 +95,9 @@ class Keys:
         # probability at or above which it answers (JSON object: policy -> threshold, or null: never)
         LEXICAL_ANALYZER = _str("edge2dexit.lexical.analyzer")
         LEXICAL_THRESHOLDS = _str("edge2dexit.lexical.thresholds")
+        # Optional (format 5): per policy, the parameters calibrated for reading with the lexical exit off
+        # (JSON object: policy -> parameters; a policy absent reads with its own, as where the words never pay)
+        LLM_ONLY_POLICIES = _str("edge2dexit.lexical.llm_only_policies")
         # Optional (format 4): abstention margins and prediction-set thresholds of one policy (trust.py), JSON
         TRUST = _str("edge2dexit.trust")
 

@@ -91,7 +91,7 @@ def fuzz(cases: int, seed: int, directory) -> Counter:
         try:
             bundle, peak = peak_during(lambda: load_bundle(path))
             if not isinstance(bundle, BundleError):  # a clean load must be usable: every policy builds or says why
-                for name, params in bundle.policies.items():
+                for name, params in [*bundle.policies.items(), *bundle.llm_only_policies.items()]:
                     try:
                         make_policy(name, bundle.heads, bundle.base.n_layer, params)
                     except BundleError:

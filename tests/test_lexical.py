@@ -17,7 +17,7 @@ from edge2dexit.bundle import load_bundle, write_bundle
 from edge2dexit.classifier import LEXICAL_EXIT, Classifier
 from edge2dexit.cli import app
 from edge2dexit.convert.calibrate import LEXICAL_THRESHOLDS, calibrate
-from edge2dexit.errors import BundleError
+from edge2dexit.errors import BundleError, SettingsError
 from edge2dexit.keys import Keys
 from edge2dexit.lexical import ANALYZER, LexicalHead, analyze, from_pipeline, lexical_pipeline
 from edge2dexit.settings import EngineSettings
@@ -42,10 +42,12 @@ def test_the_numpy_head_computes_scikit_learns_probabilities(n_classes):
 
 
 def test_a_bundle_with_a_lexical_head_round_trips_and_is_checked(tmp_path):
-    original = with_lexical(make_bundle(), {"prefix-mean": 0.8, "full": None})
+    alone = {"layer": 4, "threshold": 0.5, "min_sentences": 3}  # prefix-mean's parameters without the words
+    original = dataclasses.replace(with_lexical(make_bundle(), {"prefix-mean": 0.8, "full": None}),
+                                   llm_only_policies={"prefix-mean": alone})
     path = write_bundle(original, tmp_path / "b", half=False)
     reader = GGUFReader(path)
-    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.LEXICAL_FORMAT_VERSION
+    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.LLM_ONLY_FORMAT_VERSION
     vocabulary = next(t for t in reader.tensors if t.name == keys.LEXICAL_TENSORS[0])
     assert vocabulary.tensor_type == GGMLQuantizationType.I8  # one tensor, not a string array (see keys.py)
     loaded = load_bundle(path)
@@ -54,6 +56,8 @@ def test_a_bundle_with_a_lexical_head_round_trips_and_is_checked(tmp_path):
         np.testing.assert_array_equal(getattr(loaded.lexical, name), getattr(original.lexical, name))
     assert loaded.lexical_thresholds == {"prefix-mean": 0.8, "full": None}
     assert loaded.lexical_threshold("prefix-mean") == 0.8 and loaded.lexical_threshold("layer") is None
+    assert loaded.policy_params("prefix-mean", behind_words=False) == alone
+    assert loaded.policy_params("full", behind_words=False) == loaded.policy_params("full") == {}
 
     def refused(words, **changes):
         damaged = rewrite(path, tmp_path / "damaged.gguf", **changes)
@@ -73,6 +77,16 @@ def test_a_bundle_with_a_lexical_head_round_trips_and_is_checked(tmp_path):
     refused("non-positive idf", tensors={**tensors, "lexical.idf": -tensors["lexical.idf"]})
     refused("which format version 3 cannot",
             set_keys={Keys.Exits.FORMAT_VERSION: (3, GGUFValueType.UINT32, None)})
+    refused("must be an object, for a policy of the bundle",
+            set_keys={Keys.Exits.LLM_ONLY_POLICIES: ('{"fastest": {}}', text, None)})
+    refused(f"missing key {Keys.Exits.LLM_ONLY_POLICIES.name}", drop=[Keys.Exits.LLM_ONLY_POLICIES])
+    refused("without the words, which format version 4 cannot",
+            set_keys={Keys.Exits.FORMAT_VERSION: (4, GGUFValueType.UINT32, None)})
+    # a bundle of format 4 (before the key) reads every text without the words at its one set of parameters
+    older = load_bundle(rewrite(path, tmp_path / "v4.gguf", drop=[Keys.Exits.LLM_ONLY_POLICIES],
+                                set_keys={Keys.Exits.FORMAT_VERSION: (4, GGUFValueType.UINT32, None)}))
+    assert older.llm_only_policies == {} and older.policy_params("prefix-mean", behind_words=False) == \
+        original.policies["prefix-mean"]
     with pytest.raises(BundleError, match="lexical thresholds but no lexical head"):
         dataclasses.replace(original, lexical=None)
 
@@ -96,9 +110,14 @@ def test_calibration_chooses_from_all_words_to_no_words(tmp_path):
     heads = all_heads(4)
     # the words are right and sure everywhere: reading nothing meets the target, at no cost
     store, words = synthetic_store(tmp_path / "a", np.ones(n, bool), np.ones(n, bool), np.ones(n, bool))
-    chosen = calibrate(store, heads, ["layer"], 0.0, 0.95, words).chosen["layer"]
+    calibration = calibrate(store, heads, ["layer"], 0.0, 0.95, words)
+    chosen = calibration.chosen["layer"]
     assert chosen.cost == 0 and chosen.lexical_share == 1.0 and chosen.accuracy == 1.0
     assert chosen.lexical_threshold == LEXICAL_THRESHOLDS[0]
+    # its parameters were never tried on a document; without the words the rule chooses among reading points only
+    alone = calibration.llm_only["layer"]
+    assert alone.lexical_threshold is None and alone.accuracy == 1.0 and alone.params == {"layer": 0, "pooling":
+                                                                                            alone.params["pooling"]}
     # the words are wrong wherever they are sure: they never pay
     store, words = synthetic_store(tmp_path / "b", np.ones(n, bool), np.zeros(n, bool), np.ones(n, bool))
     chosen = calibrate(store, heads, ["layer"], 0.0, 0.95, words).chosen["layer"]
@@ -155,6 +174,28 @@ def test_a_text_the_words_decide_never_reaches_llama_cpp(lexical_bundle, monkeyp
     cli = CliRunner().invoke(app, ["classify", "-", "--bundle", str(lexical_bundle.bundle), "--n-ctx", "512",
                                    "--no-lexical", "--json"], input=sure)
     assert cli.exit_code == 0 and json.loads(cli.stdout)["exit_layer"] >= 0
+
+
+@pytest.mark.llama
+def test_without_the_words_each_policy_reads_at_its_parameters_for_that(lexical_bundle):
+    """Behind words that answer every review here, each policy's own parameters were never tried on a document;
+    `lexical=False` reads with those calibrated for reading every text, as a bundle without the words would."""
+    bundle = load_bundle(lexical_bundle.bundle)
+    assert set(bundle.llm_only_policies) == set(bundle.policies)
+    assert any(bundle.llm_only_policies[name] != params for name, params in bundle.policies.items())
+    plain = dataclasses.replace(bundle, policies={**bundle.policies, **bundle.llm_only_policies}, lexical=None,
+                                lexical_thresholds={}, llm_only_policies={}, trust=None)
+    texts = ["I loved every minute of it. The acting was superb.", "The film runs two hours. It was dreadful."]
+    runs = {}
+    for run, (loaded, settings) in {"words off": (bundle, {"lexical": False}), "off per call": (bundle, {}),
+                                     "no words at all": (plain, {})}.items():
+        with Classifier(loaded, settings=EngineSettings(n_ctx=512), **settings) as clf:
+            runs[run] = [(r.label, r.scores, r.exit_layer, r.exit_sentence, r.token_layers) for r in (
+                clf.classify(text, policy=policy, lexical=False) for text in texts for policy in bundle.policies)]
+    assert runs["words off"] == runs["off per call"] == runs["no words at all"]
+    # abstention was calibrated behind the words, and promises nothing without them
+    with pytest.raises(SettingsError, match="drop --no-lexical"):
+        Classifier(bundle, lexical=False, max_error=0.1)
 
 
 @pytest.mark.llama

@@ -17,7 +17,7 @@ threshold only decides which documents reach it, so every threshold is scored fr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -120,6 +120,10 @@ class Calibration:
     loss_bound: dict[str, float]  # per policy: upper confidence bound of (reference − chosen point) accuracy
     frontier: dict[str, list[Point]]  # per policy, Pareto points only
     lexical_accuracy: float | None = None  # the lexical head alone on the calibration split
+    # with a lexical head, per policy: the point chosen by the same rule among those without the words, for reading
+    # with the lexical exit off (behind the words the point fits the documents they leave)
+    llm_only: dict[str, Point] = field(default_factory=dict)
+    llm_only_loss_bound: dict[str, float] = field(default_factory=dict)
 
     @property
     def target(self) -> float:
@@ -151,6 +155,8 @@ class Calibration:
             "chosen": {k: asdict(v) for k, v in self.chosen.items()},
             "loss_bound": self.loss_bound,
             "frontier": {k: [asdict(p) for p in v] for k, v in self.frontier.items()},
+            "llm_only": {k: asdict(v) for k, v in self.llm_only.items()},
+            "llm_only_loss_bound": self.llm_only_loss_bound,
         }
 
 
@@ -204,7 +210,7 @@ def calibrate(
         reference, reference_name = lexical_correct, "lexical"
     thresholds = LEXICAL_THRESHOLDS if lexical is not None else (None,)
     layers = {k: list(v.layers) for k, v in heads.items()}
-    chosen, loss_bound, frontier = {}, {}, {}
+    chosen, loss_bound, frontier, llm_only, llm_only_bound = {}, {}, {}, {}, {}
     for policy in policies or policy_names():
         points, bounds = [], []
         for params in calibration_grid(policy, store.n_layer, layers):
@@ -215,18 +221,27 @@ def calibrate(
                 points.append(replayed.point(policy, params, store.labels, lexical, threshold))
                 bounds.append(-paired_lower_bound(correct, reference, confidence))
         frontier[policy] = pareto(points)
-        meeting = [i for i, bound in enumerate(bounds) if bound <= tolerance]
-        if meeting:
-            # ties go to the point whose words answer least, and to no lexical exit at all over a threshold that
-            # answered nothing here (it would answer documents calibration never saw it answer)
-            pick = min(meeting, key=lambda i: (points[i].cost, bounds[i], points[i].lexical_share,
-                                               points[i].lexical_threshold is not None))
-        else:
-            pick = max(range(len(points)), key=lambda i: (points[i].accuracy, -points[i].cost))
+        pick = _choose(points, bounds, tolerance)
         chosen[policy], loss_bound[policy] = points[pick], bounds[pick]
+        if lexical is not None:
+            alone = [i for i, p in enumerate(points) if p.lexical_threshold is None]
+            pick = alone[_choose([points[i] for i in alone], [bounds[i] for i in alone], tolerance)]
+            llm_only[policy], llm_only_bound[policy] = points[pick], bounds[pick]
     return Calibration(float(correct_by_layer[pooling][best_layer].mean()), {"pooling": pooling, "layer": best_layer},
                        reference_name, float(reference.mean()), tolerance, confidence, store.n_docs, chosen,
-                       loss_bound, frontier, None if lexical_correct is None else float(lexical_correct.mean()))
+                       loss_bound, frontier, None if lexical_correct is None else float(lexical_correct.mean()),
+                       llm_only, llm_only_bound)
+
+
+def _choose(points: list[Point], bounds: list[float], tolerance: float) -> int:
+    """The cheapest point whose loss bound is within `tolerance`; where none is, the most accurate one."""
+    meeting = [i for i, bound in enumerate(bounds) if bound <= tolerance]
+    if not meeting:
+        return max(range(len(points)), key=lambda i: (points[i].accuracy, -points[i].cost))
+    # ties go to the point whose words answer least, and to no lexical exit at all over a threshold that answered
+    # nothing here (it would answer documents calibration never saw it answer)
+    return min(meeting, key=lambda i: (points[i].cost, bounds[i], points[i].lexical_share,
+                                       points[i].lexical_threshold is not None))
 
 
 # --- trust: abstention and prediction sets for the default policy ---------------------------------------------------

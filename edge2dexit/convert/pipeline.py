@@ -48,7 +48,7 @@ class ConvertReport:
     splits: str
     calibration: Calibration
     test: dict[str, Point]  # each policy as chosen, behind the lexical exit where it has a threshold
-    test_without_lexical: dict[str, Point]  # the same parameters with no lexical exit, for comparison
+    test_without_lexical: dict[str, Point]  # each policy with no lexical exit, at its parameters for that
     test_docs: int
     test_layer_accuracy: dict[str, list[float]]
     tfidf_accuracy: float  # TF-IDF + logistic regression trained on the training split, on the test split
@@ -179,7 +179,8 @@ def build(settings: ConvertSettings, splits: Splits, model_path: Path, registry_
                             chosen.lexical_threshold, settings.confidence)
     test = {name: replay(stores["test"], heads, name, p.params, words["test"], p.lexical_threshold)
             for name, p in calibration.chosen.items()}
-    without = {name: replay(stores["test"], heads, name, p.params) for name, p in calibration.chosen.items()}
+    without = {name: replay(stores["test"], heads, name, calibration.llm_only.get(name, p).params)
+               for name, p in calibration.chosen.items()}
     trust_test = trust_on(stores["test"], heads, trust, chosen, words["test"])
     layer_acc = {k: v.round(4).tolist() for k, v in layer_accuracies(stores["test"], heads).items()}
     lap("calibration")
@@ -202,6 +203,7 @@ def build(settings: ConvertSettings, splits: Splits, model_path: Path, registry_
         lora=LoraRef(lora_path.name, sha256_file(lora_path)) if lora_path else None,
         lexical=lexical,
         lexical_thresholds={name: p.lexical_threshold for name, p in calibration.chosen.items()} if lexical else {},
+        llm_only_policies={name: _plain(p.params) for name, p in calibration.llm_only.items()},
         trust=trust.trust,
     )
     write_bundle(bundle, out)
@@ -279,6 +281,23 @@ def model_card(settings: ConvertSettings, bundle: Bundle, report: ConvertReport)
     if report.lexical_accuracy is not None:
         rows += f"\n| lexical head ({LEXICAL_ROW}) | {report.lexical_accuracy:.3f} | " \
                 f"{interval(report.lexical_accuracy)} |" + " |" * 9
+    llm_only = ""
+    if calibration.llm_only:
+        lines = "\n".join(
+            f"| {name} | {p.accuracy:.3f} | {interval(p.accuracy)} | {calibration.llm_only[name].accuracy:.3f} | "
+            f"{calibration.llm_only_loss_bound[name]:.3f} | {_speedup(p.cost)} | "
+            f"`{json.dumps(calibration.llm_only[name].params)}` |"
+            for name, p in report.test_without_lexical.items())
+        llm_only = f"""
+## Without the words (`--no-lexical`)
+
+Each policy reading every text, with the parameters calibrated for that by the same rule (behind the words a policy
+is calibrated on the documents they leave, and may read too little for the others).
+
+| policy | test accuracy | 95% interval | calibration accuracy | loss bound | token-layer speed-up | parameters |
+|---|---|---|---|---|---|---|
+{lines}
+"""
     trust = ""
     if report.trust is not None:
         lines = "\n".join(
@@ -327,13 +346,13 @@ Calibration {calibration.describe_target()}. "Loss bound" is how much accuracy, 
 up against that reference on calibration ({calibration.confidence:.0%} one-sided; above {calibration.tolerance} means no point of
 the policy met the target and its most accurate point was kept). "Words at" is the lexical threshold: where the
 lexical head's top probability reaches it, the words alone answer ("—": never); "answered by the words" is the share
-of test documents they answered and "accuracy there" its accuracy. "Without the words" is the same policy and
-parameters with no lexical exit. The test interval is a 95% Wilson interval over {report.test_docs} documents.
+of test documents they answered and "accuracy there" its accuracy. "Without the words" is the policy reading every
+text, with its parameters for that (`--no-lexical`, next table). The test interval is a 95% Wilson interval over {report.test_docs} documents.
 
 | policy | test accuracy | 95% interval | without the words | calibration accuracy | loss bound | token-layer speed-up | operation speed-up | words at | answered by the words | accuracy there | parameters |
 |---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
-{trust}
+{llm_only}{trust}
 Per-layer test accuracy, whole text (sentence head on the last sentence / prefix head on all sentences):
 
 ```

@@ -204,8 +204,8 @@ def evaluate(
     n_layer, n_classes, truth = engine.n_layer, len(bundle.labels), np.asarray(labels)
     names = list(dict.fromkeys(["full", *(policies or policy_names())]))
     for name in names:
-        clf.make_policy(name)  # a bad name or a policy the bundle lacks fails before any reading
-    # a policy behind the lexical exit is also read without it, as the LLM alone reads
+        clf.make_policy(name, clf.lexical)  # a bad name or a policy the bundle lacks fails before any reading
+    # a policy behind the lexical exit is also read without it, as the LLM alone reads (at its parameters for that)
     llm_only = {f"{name} {LLM_ONLY}": name for name in names if clf.lexical and bundle.lexical_threshold(name) is not None}
     baselines = {} if train is None else {TFIDF_NAME: _tfidf_row(train, texts, truth, n_classes)}
     best = _best_layer(bundle.calibration)

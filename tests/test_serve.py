@@ -34,8 +34,11 @@ POSITIVE = ("I loved this film, it was wonderful and moving. The acting was supe
 
 @pytest.fixture(scope="module")
 def service():
-    with running_service("--n-ctx", "512", "--width", str(WIDTH), "--streams", str(STREAMS), "--queue", str(QUEUE),
-                         "--max-body", str(MAX_BODY), "--api-key", KEY, "--cors-origin", APP_ORIGIN) as running:
+    # --no-lexical: the default bundle's words would answer every text here before llama.cpp, and these tests are of
+    # reads through the shared engine (the words' answers: test_the_words_answer_before_the_service_reads)
+    with running_service("--no-lexical", "--n-ctx", "512", "--width", str(WIDTH), "--streams", str(STREAMS),
+                         "--queue", str(QUEUE), "--max-body", str(MAX_BODY), "--api-key", KEY,
+                         "--cors-origin", APP_ORIGIN) as running:
         yield running
 
 
@@ -89,6 +92,12 @@ def test_classify_one_text_answers_its_result(http):
     for field in ("exit_sentence", "exit_layer", "sentences_read", "token_layers", "tokens", "seconds", "early"):
         assert field in result
     assert http.post("v1/classify", json={"text": REVIEWS[0], "policy": "full"}).json()["exit_layer"] == 29
+
+
+def test_the_words_answer_before_the_service_reads():
+    with running_service("--n-ctx", "512", "--width", "1") as service:
+        result = httpx.post(service.url + "v1/classify", json={"text": POSITIVE}, timeout=120).json()
+    assert (result["label"], result["exit_layer"], result["token_layers"]) == ("positive", -1, 0)
 
 
 def test_classify_a_list_answers_every_text_in_order(http):
@@ -282,7 +291,7 @@ def test_a_full_queue_answers_503_and_a_client_that_leaves_frees_its_texts(servi
 
 
 def test_sigterm_under_load_answers_or_refuses_every_request():
-    with running_service("--n-ctx", "512", "--width", "1", "--queue", "16") as service, \
+    with running_service("--no-lexical", "--n-ctx", "512", "--width", "1", "--queue", "16") as service, \
             httpx.Client(base_url=service.url, timeout=120) as http, connect(ws_url(service)) as stream:
         results: list = []
 

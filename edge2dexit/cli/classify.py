@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..errors import Edge2DExitError, OutputError
 from .app import app, friendly
 from .inputs import Item, iter_items
-from .options import BUNDLE, GPU_LAYERS, MODEL, N_CTX, POLICY, THREADS, WIDTH, engine_settings
+from .options import BUNDLE, GPU_LAYERS, LEXICAL, MODEL, N_CTX, POLICY, THREADS, WIDTH, engine_settings
 
 
 @app.command()
@@ -36,8 +36,7 @@ def classify(
     lines: bool = typer.Option(False, "--lines", help="Standard input holds one text per line (blank lines are "
                                                       "skipped)."),
     truncate: bool = typer.Option(False, "--truncate", help="Read only what fits the context instead of failing."),
-    lexical: bool = typer.Option(True, "--lexical/--no-lexical", help="Let the bundle's lexical exit answer where "
-                                 "the words alone decide (where the bundle has one)."),
+    lexical: bool = LEXICAL,
     max_error: Optional[float] = typer.Option(None, "--max-error", min=0.0, max=1.0, help="Answer 'unsure' where "
                                               "the answer is not sure enough for the error among the answered texts "
                                               "to stay within this rate (calibrated: 0.01, 0.02, 0.05, 0.1)."),

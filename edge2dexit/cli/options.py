@@ -22,6 +22,8 @@ WIDTH = typer.Option(_ENGINE.width, "--width", "-w", min=1, max=255, show_defaul
                      help="Documents read at once in shared llama.cpp decodes.")
 THREADS = typer.Option(_ENGINE.n_threads, "--threads", min=1,
                        help="CPU threads for llama.cpp (default: every core available).")
+LEXICAL = typer.Option(True, "--lexical/--no-lexical", help="Let the bundle's lexical exit answer where the words "
+                       "alone decide (where the bundle has one); --no-lexical: the LLM reads every text.")
 GPU_LAYERS = typer.Option(_ENGINE.n_gpu_layers, "--gpu-layers", min=0, show_default="every layer on a GPU build",
                           help="Layers to offload with a GPU build of llama.cpp (0: none).")
 

@@ -10,7 +10,7 @@ import typer
 from ..errors import SettingsError
 from ..serve.settings import LOOPBACK, ServeSettings
 from .app import app, friendly
-from .options import BUNDLE, GPU_LAYERS, MODEL, N_CTX, POLICY, THREADS, WIDTH, engine_settings
+from .options import BUNDLE, GPU_LAYERS, LEXICAL, MODEL, N_CTX, POLICY, THREADS, WIDTH, engine_settings
 
 _SERVE = ServeSettings()
 
@@ -21,6 +21,7 @@ def serve(
     bundle: Optional[Path] = BUNDLE,
     model: Optional[str] = MODEL,
     policy: Optional[str] = POLICY,
+    lexical: bool = LEXICAL,
     host: str = typer.Option(_SERVE.host, "--host", help="Address to listen on; anything but loopback lets other "
                                                          "machines in (set --api-key)."),
     port: int = typer.Option(_SERVE.port, "--port", min=0, max=65535, help="Port (0: any free one, printed)."),
@@ -55,7 +56,7 @@ def serve(
         typer.echo(f"edge2dexit: warning: listening on {host} without --api-key: anyone who can reach this "
                    "machine can use the service", err=True)
     engine = engine_settings(n_ctx, width, threads, gpu_layers)
-    with open_classifier(bundle, model, policy, engine, settings) as clf:
+    with open_classifier(bundle, model, policy, engine, settings, lexical) as clf:
         run(clf, settings, ready=lambda url: typer.echo(
             f"edge2dexit: serving {url} (labels {', '.join(clf.labels)}, policy "
             f"{clf.policy_name}, width {clf.engine.settings.width - streams}, {streams} streams)", err=True))

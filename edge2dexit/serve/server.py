@@ -24,11 +24,12 @@ from .worker import Worker
 
 
 def open_classifier(bundle: str | Path | None, model: str | Path | None, policy: str | None, engine: EngineSettings,
-                    settings: ServeSettings) -> Classifier:
+                    settings: ServeSettings, lexical: bool) -> Classifier:
     """The service's classifier: `engine.width` sequences (the backend's default if None) for texts read together,
-    and `settings.streams` more, one per open stream."""
+    and `settings.streams` more, one per open stream; `lexical` as for `Classifier`."""
     width = engine.for_backend(gpu_offload()).width
-    return Classifier(bundle, model=model, policy=policy, settings=replace(engine, width=width + settings.streams))
+    return Classifier(bundle, model=model, policy=policy, settings=replace(engine, width=width + settings.streams),
+                      lexical=lexical)
 
 
 def serve(classifier: Classifier, settings: ServeSettings, ready: Callable[[str], None] = lambda url: None) -> None:

@@ -4,7 +4,8 @@ run again goes on from its feature store.
 
 Ctrl-C is sent where it lands in a real run, during a llama_decode: the signal arrives while llama.cpp computes, the
 context holds it back and raises KeyboardInterrupt once llama.cpp has returned (a handler run inside the eval
-callback would stop the graph half way)."""
+callback would stop the graph half way). Classify runs read with the LLM (`--no-lexical`): the default bundle's words
+would answer these texts without a decode."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def test_ctrl_c_during_classify_keeps_whole_records_and_resume_reads_the_rest(tm
     for i, text in enumerate(TEXTS):
         (folder / f"{i}.txt").write_text(text)
     out = tmp_path / "results.jsonl"
-    args = ["classify", str(folder), "--output", str(out), "--width", str(width), "--n-ctx", "512"]
+    args = ["classify", str(folder), "--output", str(out), "--width", str(width), "--n-ctx", "512", "--no-lexical"]
 
     keyboard.after = width  # once a document has finished and the next one takes its place
     stopped = invoke(args)

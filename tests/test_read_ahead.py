@@ -76,10 +76,11 @@ REVIEW = ("What a wonderful film. I loved every minute of it. The acting is supe
 @pytest.mark.llama
 def test_the_runtime_reads_ahead_and_decides_as_one_sentence_per_decode():
     """The default bundle on the real SmolLM2: read ahead (default) and one sentence per decode decide early at the
-    same sentence and layer; the states differ by llama.cpp's batching noise only (docs/llama-cpp.md §5)."""
+    same sentence and layer; the states differ by llama.cpp's batching noise only (docs/llama-cpp.md §5). The LLM
+    reads (`lexical=False`): the bundle's words alone would answer this review."""
     results = {}
     for min_tokens in (1, MIN_DECODE_TOKENS):
-        with Classifier(settings=EngineSettings(n_ctx=512, min_decode_tokens=min_tokens)) as clf:
+        with Classifier(settings=EngineSettings(n_ctx=512, min_decode_tokens=min_tokens), lexical=False) as clf:
             results[min_tokens] = {name: clf.classify(REVIEW, policy=name) for name in POLICY_PARAMS}
     clear = [name for name in POLICY_PARAMS if not near_boundary(results[1][name], results[MIN_DECODE_TOKENS][name])]
     assert "prefix-mean" in clear  # the review was chosen to decide clearly, far from every threshold

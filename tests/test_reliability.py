@@ -5,7 +5,10 @@ Every failure a user can act on is its documented exit code and one line on stde
 llama.cpp decodes (130), everyday mistakes with options and output files (2, 6, 7), a reader that goes away (141).
 Texts that used to be refused or mis-reported (emoji and CJK with --truncate, a text far past the context), inputs
 that are no regular files (pipes, /dev/stdin), odd files in directories and tables, and --deterministic are checked
-here too, and `classify_many` over items that are no strings."""
+here too, and `classify_many` over items that are no strings.
+
+Every run here reads with the LLM (`--no-lexical`, `lexical=False`): the default bundle's words answer most texts
+before llama.cpp is called, and what these tests keep is the read (the words' own exit: test_lexical.py)."""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ pytestmark = pytest.mark.llama
 
 GOOD = "A wonderful film. The acting was superb and the story moving. I loved every minute of it."
 BAD = "What a waste of time. The plot made no sense. The acting was wooden. I wanted my money back."
-N_CTX = ("--n-ctx", "512")
+LLM_READ = ("--no-lexical", "--n-ctx", "512")
 # What must agree between two reads of one text that promise the same numbers: everything but the wall time.
 DECIDED = ("label", "scores", "exit_sentence", "exit_layer", "sentences_read", "sentences_total", "early",
            "token_layers", "boundary_gap")
@@ -91,7 +94,7 @@ def test_ctrl_c_while_decoding_is_exit_130_and_one_line_and_resume_finishes(tmp_
     exit 1); `pytest -m slow` tries more often."""
     texts = mixed_reviews(20 * tries, seed=width + tries)
     rows, out = write_jsonl(tmp_path / "rows.jsonl", texts), tmp_path / "out.jsonl"
-    args = ["classify", str(rows), "-o", str(out), "--width", str(width), *N_CTX]
+    args = ["classify", str(rows), "-o", str(out), "--width", str(width), *LLM_READ]
     rng = random.Random(width + tries)
     interrupted = 0
     for attempt in range(tries):
@@ -117,18 +120,19 @@ def test_ctrl_c_while_decoding_is_exit_130_and_one_line_and_resume_finishes(tmp_
 
 @pytest.mark.parametrize("n_ctx", ["0", "-5", "10"])
 def test_a_context_size_below_the_least_is_a_usage_error(review, n_ctx):
-    assert_exit(cli("classify", review, "--n-ctx", n_ctx), 2, "--n-ctx", one_line=False)
+    assert_exit(cli("classify", review, "--no-lexical", "--n-ctx", n_ctx), 2, "--n-ctx", one_line=False)
 
 
 def test_a_context_llama_cpp_cannot_allocate_is_a_settings_error_in_one_line(review):
-    assert_exit(cli("classify", review, "--n-ctx", "100000000"), 2, "could not create a context", "--n-ctx")
+    assert_exit(cli("classify", review, "--no-lexical", "--n-ctx", "100000000"), 2, "could not create a context",
+                "--n-ctx")
 
 
 def test_a_context_the_task_prompt_fills_leaves_no_room(review):
     """The message says what is wrong (no room for text), not "16 tokens, more than the context of 16"; and
     since --truncate cannot help there, it does not suggest it, with or without it."""
     for truncate in ([], ["--truncate"]):
-        done = cli("classify", review, "--n-ctx", "16", *truncate)
+        done = cli("classify", review, "--no-lexical", "--n-ctx", "16", *truncate)
         assert_exit(done, 6, "leaves no room", "--n-ctx")
         assert "--truncate" not in done.stderr and "more than" not in done.stderr
 
@@ -139,7 +143,7 @@ def test_output_that_cannot_be_written_is_exit_7(review, tmp_path, where):
     the first record. Either way one line naming the place."""
     out = {"missing directory": tmp_path / "nowhere" / "x.jsonl", "a directory": tmp_path,
            "/dev/full": Path("/dev/full")}[where]
-    assert_exit(cli("classify", review, "-o", out, *N_CTX), 7, f"cannot write to {out}")
+    assert_exit(cli("classify", review, "-o", out, *LLM_READ), 7, f"cannot write to {out}")
 
 
 def test_output_to_a_full_standard_output_is_exit_7(review):
@@ -163,7 +167,7 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path):
 def test_resume_into_a_file_that_is_not_utf8_is_exit_7(review, tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_bytes("not records".encode("utf-16"))
-    assert_exit(cli("classify", review, "-o", out, "--resume", *N_CTX), 7, "is not UTF-8", str(out))
+    assert_exit(cli("classify", review, "-o", out, "--resume", *LLM_READ), 7, "is not UTF-8", str(out))
 
 
 # --- --truncate and text that does not fit -------------------------------------------------------------------
@@ -175,11 +179,11 @@ def test_truncate_cuts_a_sentence_longer_than_the_room(tmp_path, text):
     of it; without --truncate the text is refused (exit 6) with a message that suggests --truncate."""
     path = tmp_path / "long.txt"
     path.write_text(text + "\n")
-    done = cli("classify", path, "--truncate", "--json", "--n-ctx", "128")
+    done = cli("classify", path, "--truncate", "--json", "--no-lexical", "--n-ctx", "128")
     assert done.returncode == 0, done.stderr
     (record,) = json_records(done.stdout)
     assert record["truncated"] is True and record["sentences_read"] == 1 and 100 < record["tokens"] <= 128
-    assert_exit(cli("classify", path, "--n-ctx", "128"), 6, "needs at least", "--truncate")
+    assert_exit(cli("classify", path, "--no-lexical", "--n-ctx", "128"), 6, "needs at least", "--truncate")
 
 
 # --- how many tokens a text needs ----------------------------------------------------------------------------
@@ -197,7 +201,7 @@ def test_a_text_far_past_the_context_reports_a_lower_bound_of_its_tokens(tmp_pat
     splitter = load_bundle(DEFAULT_BUNDLE).splitter
     true_count = sum(len(smollm2_engine.tokenize(s)) for s in splitter.sentences(text))
     for n_ctx in (512, 3100):
-        done = cli("classify", path, "--n-ctx", n_ctx)
+        done = cli("classify", path, "--no-lexical", "--n-ctx", n_ctx)
         assert_exit(done, 6, "needs at least")
         needed, room = map(int, NEEDS.search(done.stderr).groups())
         assert room < needed <= true_count, (room, needed, true_count)
@@ -208,7 +212,7 @@ def test_a_text_far_past_the_context_reports_a_lower_bound_of_its_tokens(tmp_pat
 
 @pytest.fixture(scope="module")
 def classifier():
-    with Classifier(settings=EngineSettings(n_ctx=256, width=2)) as clf:
+    with Classifier(lexical=False, settings=EngineSettings(n_ctx=256, width=2)) as clf:
         yield clf
 
 
@@ -245,9 +249,9 @@ def test_deterministic_gives_what_each_text_gets_alone(tmp_path):
     for i, text in enumerate(texts):
         files.append(tmp_path / f"{i:02}.txt")
         files[-1].write_text(text)
-    together = cli("classify", rows, "--deterministic", "--json", "--ordered", *N_CTX)
-    alone = [cli("classify", path, "--json", *N_CTX) for path in (files[0], files[-1])]
-    alone_in_one_run = cli("classify", *files, "--json", "--ordered", "--width", "1", *N_CTX)
+    together = cli("classify", rows, "--deterministic", "--json", "--ordered", *LLM_READ)
+    alone = [cli("classify", path, "--json", *LLM_READ) for path in (files[0], files[-1])]
+    alone_in_one_run = cli("classify", *files, "--json", "--ordered", "--width", "1", *LLM_READ)
     assert together.returncode == 0 and alone_in_one_run.returncode == 0, together.stderr
     got = [decided(r) for r in json_records(together.stdout)]
     assert got == [decided(r) for r in json_records(alone_in_one_run.stdout)]
@@ -265,13 +269,14 @@ def test_deterministic_reads_one_text_at_a_time_where_the_backend_would_batch(tm
 
     def records(*args: str) -> list[dict]:
         done = subprocess.run([sys.executable, "-c", as_if_gpu, "classify", str(rows), "--json",
-                               "--ordered", "--gpu-layers", "0", *N_CTX, *args],
+                               "--ordered", "--gpu-layers", "0", *LLM_READ, *args],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return [decided(r) for r in json_records(done.stdout)]
 
     deterministic, shared = records("--deterministic"), records()
-    with Classifier(settings=EngineSettings(n_ctx=512, width=1, n_gpu_layers=0, min_decode_tokens=1)) as clf:
+    with Classifier(lexical=False,
+                    settings=EngineSettings(n_ctx=512, width=1, n_gpu_layers=0, min_decode_tokens=1)) as clf:
         alone = [decided({**clf.classify(text).to_dict()}) for text in texts]
     assert deterministic == alone
     assert shared != alone  # shared decodes move the last digits: what --deterministic is for
@@ -284,7 +289,7 @@ def test_a_device_that_never_ends_is_refused_at_once():
     """Named inputs are read whatever they are, but not to the end of what never ends: /dev/zero and /dev/urandom
     are binary within their first chunk (before, /dev/zero was read until memory ran out)."""
     for device in ("/dev/zero", "/dev/urandom"):
-        assert_exit(cli("classify", device, *N_CTX, timeout=120), 3, f"{device}: ", "binary")
+        assert_exit(cli("classify", device, *LLM_READ, timeout=120), 3, f"{device}: ", "binary")
 
 
 def test_standard_input_by_line_ends_at_binary_and_skips_a_line_too_long():
@@ -293,7 +298,7 @@ def test_standard_input_by_line_ends_at_binary_and_skips_a_line_too_long():
     zero = bash('"$E" classify - --lines --json --n-ctx 512 < /dev/zero', timeout=120)
     assert zero.returncode == 3 and "Traceback" not in zero.stderr, zero.stderr
     assert [(r["input"], "binary" in r["error"]) for r in json_records(zero.stdout)] == [("stdin:1", True)]
-    long = cli("classify", "-", "--lines", "--json", "--ordered", *N_CTX,
+    long = cli("classify", "-", "--lines", "--json", "--ordered", *LLM_READ,
                input=f"{GOOD}\n{'x' * (17 << 20)}\n{BAD}\n")
     records = json_records(long.stdout)
     assert long.returncode == 3 and [r["input"] for r in records] == ["stdin:1", "stdin:2", "stdin:3"], long.stderr
@@ -301,7 +306,7 @@ def test_standard_input_by_line_ends_at_binary_and_skips_a_line_too_long():
 
 
 def test_a_pipe_and_dev_stdin_are_inputs(review):
-    direct = cli("classify", review, "--json", *N_CTX)
+    direct = cli("classify", review, "--json", *LLM_READ)
     assert direct.returncode == 0, direct.stderr
     (want,) = json_records(direct.stdout)
     for script in (f'"$E" classify <(cat {review}) --json --n-ctx 512',
@@ -319,7 +324,7 @@ def test_a_pipe_and_dev_stdin_are_inputs(review):
 def test_a_file_in_another_unicode_encoding_says_to_convert_it(tmp_path, encoding, name):
     path = tmp_path / "review.txt"
     path.write_bytes(GOOD.encode(encoding))  # Python writes the byte-order mark first
-    assert_exit(cli("classify", path, *N_CTX), 3, f"is {name}", "convert it to UTF-8")
+    assert_exit(cli("classify", path, *LLM_READ), 3, f"is {name}", "convert it to UTF-8")
 
 
 def test_tables_and_standard_input_number_their_rows_by_first_line(tmp_path):
@@ -327,10 +332,10 @@ def test_tables_and_standard_input_number_their_rows_by_first_line(tmp_path):
     by line (white space only, CRLF) are no texts, as blank JSONL lines are not."""
     table = tmp_path / "reviews.csv"
     table.write_text(f'text\n"{GOOD}\nIt spans two lines."\n"{BAD}"\n', newline="")
-    done = cli("classify", table, "--json", "--ordered", *N_CTX)
+    done = cli("classify", table, "--json", "--ordered", *LLM_READ)
     assert done.returncode == 0, done.stderr
     assert [r["input"] for r in json_records(done.stdout)] == [f"{table}:2", f"{table}:4"]
-    lines = cli("classify", "-", "--lines", "--json", "--ordered", *N_CTX, input=f"{GOOD}\r\n\r\n \t \n\n{BAD}\n")
+    lines = cli("classify", "-", "--lines", "--json", "--ordered", *LLM_READ, input=f"{GOOD}\r\n\r\n \t \n\n{BAD}\n")
     assert lines.returncode == 0, lines.stderr
     assert [r["input"] for r in json_records(lines.stdout)] == ["stdin:1", "stdin:5"]
 
@@ -356,7 +361,7 @@ def test_error_records_never_repeat_their_id(tmp_path):
         write("twice.csv", f"text,text\n{GOOD},{BAD}\n"), write("latin.csv", b"text\ncaf\xe9\n"),
         write("latin.tsv", b"caf\xe9\tx\n"),
     ]
-    done = cli("classify", *inputs, "--json", "--n-ctx", "64")
+    done = cli("classify", *inputs, "--json", "--no-lexical", "--n-ctx", "64")
     assert done.returncode == 3, done.stderr
     records = json_records(done.stdout)
     assert len(records) == len(inputs) + 3 and all(set(r) == {"input", "error", "exit_code"} for r in records)
@@ -389,7 +394,7 @@ def test_a_directory_reads_every_text_below_it_through_links(tmp_path):
     only_a_link.mkdir()
     (only_a_link / "there").symlink_to(other)
 
-    done = cli("classify", root, only_a_link, "--json", *N_CTX, timeout=120)
+    done = cli("classify", root, only_a_link, "--json", *LLM_READ, timeout=120)
     assert done.returncode == 3, done.stderr
     by_input = {r["input"]: r for r in json_records(done.stdout)}
     assert set(by_input) == {str(root / "UPPER.TXT"), str(root / "sub" / "a.txt"), str(root / "dangling.txt"),
@@ -433,7 +438,7 @@ def test_random_options_give_a_documented_exit_code_and_no_traceback(tmp_path, n
     where = {"stdout": [], "file": ["-o", tmp_path / "out.jsonl"],
              "missing directory": ["-o", tmp_path / "nowhere" / "out.jsonl"], "a directory": ["-o", tmp_path],
              "/dev/full": ["-o", "/dev/full"]}[output]
-    done = cli("classify", review, f"--n-ctx={n_ctx}", f"--width={width}", *where)
+    done = cli("classify", review, "--no-lexical", f"--n-ctx={n_ctx}", f"--width={width}", *where)
     code = expected_exit(n_ctx, width, output)
     assert done.returncode == code and code in documented_exit_codes(), (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr + done.stdout

@@ -4,7 +4,9 @@ exit point; scores within llama.cpp's batching noise, since a stream reads each 
 groups them into larger decodes), and never decides on a sentence before it is complete.
 
 Two texts: the shipped sample review, which the default policy reads to its end (the stream decides at `finish`),
-and a plainly positive one that it decides on early (the stream decides inside `feed`)."""
+and a plainly positive one that it decides on early (the stream decides inside `feed`). These streams are the LLM's
+(`lexical=False`); the default bundle's words, which a stream asks only at `finish`, have a test of their own at the
+end."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ TEXTS = {"sample review": SAMPLE, "decides early": EARLY}
 
 @pytest.fixture(scope="module")
 def classifier():
-    with Classifier(settings=EngineSettings(n_ctx=512)) as clf:
+    with Classifier(settings=EngineSettings(n_ctx=512), lexical=False) as clf:
         yield clf
 
 
@@ -140,3 +142,19 @@ def test_a_paper2d_stream_counts_the_sentences_it_was_fed(classifier):
             want.early, want.sentences_read, want.label, want.exit_sentence, want.exit_layer), text
         early_exits += got.sentences_read < got.sentences_total
     assert early_exits >= 3  # texts where the two counts differ, so that the test can tell them apart
+
+
+# --- the words: asked at finish, of the whole text ------------------------------------------------------------------
+
+
+def test_a_stream_asks_the_words_only_at_finish():
+    """The lexical exit is calibrated on whole texts: a stream never answers from the words of a prefix, and at
+    `finish` it answers as classify does (here `full`, which reads to the end, so feed never decides)."""
+    with Classifier(settings=EngineSettings(n_ctx=512), policy="full") as clf:
+        assert clf.bundle.lexical.proba(EARLY).max() >= clf.bundle.lexical_threshold("full")
+        want = clf.classify(EARLY)
+        assert want.lexical
+        with clf.stream() as s:
+            assert all(s.feed(sentence) is None for sentence in re.findall(r"[^.]+\. ?", EARLY))
+            got = s.finish()
+    assert got.lexical and (got.label, got.scores, got.token_layers) == (want.label, want.scores, 0)

@@ -1,7 +1,10 @@
 """Threads and determinism. A Classifier shared by several threads gives each text the result it gets alone, in
 order (the lock lets one reader at a time use the llama.cpp context: interleaved decodes would mix documents' KV
 cache); a thread that tries to read twice at once gets a clear error instead of a deadlock; closing waits for a
-reading in another thread. The same input gives the same output twice in one process and across processes."""
+reading in another thread. The same input gives the same output twice in one process and across processes.
+
+Every reading here is the LLM's (`lexical=False`, `--no-lexical`): the default bundle's words would answer these texts
+without taking the llama.cpp context, which is what the lock guards."""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def stable(result) -> dict:
 
 @pytest.fixture(scope="module")
 def classifier():
-    with Classifier(settings=EngineSettings(n_ctx=256)) as clf:
+    with Classifier(settings=EngineSettings(n_ctx=256), lexical=False) as clf:
         yield clf
 
 
@@ -101,7 +104,7 @@ def test_reading_twice_at_once_in_one_thread_is_an_error(classifier):
 
 
 def test_close_waits_for_a_reading_in_another_thread():
-    clf = Classifier(settings=EngineSettings(n_ctx=256))
+    clf = Classifier(settings=EngineSettings(n_ctx=256), lexical=False)
     stream = clf.stream()
     closer = threading.Thread(target=clf.close)
     closer.start()
@@ -126,7 +129,7 @@ def test_the_same_input_gives_the_same_output_in_one_process(classifier, alone):
 def cli_records(paths) -> list[dict]:
     command = "from edge2dexit.cli import main; main()"
     run = subprocess.run([sys.executable, "-c", command, "classify", *map(str, paths), "--json",
-                          "--ordered", "--n-ctx", "256"], capture_output=True, text=True, timeout=600)
+                          "--ordered", "--n-ctx", "256", "--no-lexical"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     return [stable_record(json.loads(line)) for line in run.stdout.splitlines()]
 

@@ -198,14 +198,16 @@ def test_lora_reference_round_trips_as_format_3_and_is_checked(tmp_path):
     refused(path, "carries a LoRA adapter, which format version 2 cannot")
 
 
-def test_default_bundle_is_format_2_with_the_renamed_policies():
+def test_default_bundle_carries_the_lexical_exit_and_abstention_margins():
     from edge2dexit.classifier import DEFAULT_BUNDLE
     from edge2dexit.policies import policy_names
 
     reader = GGUFReader(DEFAULT_BUNDLE / "exits.gguf")
-    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.OLDEST_FORMAT_VERSION
+    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.LLM_ONLY_FORMAT_VERSION
     bundle = load_bundle(DEFAULT_BUNDLE)
     assert set(bundle.policies) == set(policy_names()) and bundle.default_policy == "prefix-mean"
+    assert bundle.lexical is not None and set(bundle.lexical_thresholds) == set(bundle.policies)
+    assert bundle.trust is not None and bundle.trust.policy == "prefix-mean"
     assert set(bundle.policies["prefix-mean"]) >= {"layer", "threshold", "min_sentences"}
 
 

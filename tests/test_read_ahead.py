@@ -5,12 +5,15 @@ least that many tokens, because llama.cpp's CPU attention is 1.7–2.8× slower 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge2dexit.classifier import Classifier
+from edge2dexit.bundle import load_bundle
+from edge2dexit.classifier import DEFAULT_BUNDLE, Classifier
 from edge2dexit.document import Document, MIN_DECODE_TOKENS
 from edge2dexit.engine import EngineSettings
 from edge2dexit.policies import make_policy
@@ -77,10 +80,13 @@ REVIEW = ("What a wonderful film. I loved every minute of it. The acting is supe
 def test_the_runtime_reads_ahead_and_decides_as_one_sentence_per_decode():
     """The default bundle on the real SmolLM2: read ahead (default) and one sentence per decode decide early at the
     same sentence and layer; the states differ by llama.cpp's batching noise only (docs/llama-cpp.md §5). The LLM
-    reads (`lexical=False`): the bundle's words alone would answer this review."""
+    reads at the policies' points behind the words, without them (the words alone would answer this review, and
+    prefix-mean's point for reading every text, τ 0.9, leaves no margin clear of its threshold by 0.1)."""
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    llm_read = dataclasses.replace(bundle, lexical=None, lexical_thresholds={}, llm_only_policies={}, trust=None)
     results = {}
     for min_tokens in (1, MIN_DECODE_TOKENS):
-        with Classifier(settings=EngineSettings(n_ctx=512, min_decode_tokens=min_tokens), lexical=False) as clf:
+        with Classifier(llm_read, settings=EngineSettings(n_ctx=512, min_decode_tokens=min_tokens)) as clf:
             results[min_tokens] = {name: clf.classify(REVIEW, policy=name) for name in POLICY_PARAMS}
     clear = [name for name in POLICY_PARAMS if not near_boundary(results[1][name], results[MIN_DECODE_TOKENS][name])]
     assert "prefix-mean" in clear  # the review was chosen to decide clearly, far from every threshold

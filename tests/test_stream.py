@@ -3,8 +3,8 @@ chunks, at random cuts, sentence by sentence — decides as `classify` decides o
 exit point; scores within llama.cpp's batching noise, since a stream reads each sentence as it arrives where classify
 groups them into larger decodes), and never decides on a sentence before it is complete.
 
-Two texts: the shipped sample review, which the default policy reads to its end (the stream decides at `finish`),
-and a plainly positive one that it decides on early (the stream decides inside `feed`). These streams are the LLM's
+Two texts: a lukewarm review, which the default policy reads to its end (the stream decides at `finish`), and a
+plainly positive one that it decides on early (the stream decides inside `feed`). These streams are the LLM's
 (`lexical=False`); the default bundle's words, which a stream asks only at `finish`, have a test of their own at the
 end."""
 
@@ -18,13 +18,16 @@ from hypothesis import strategies as st
 
 from edge2dexit import Classifier, EngineSettings
 from edge2dexit.classifier import Result
-from edge2dexit.models import SAMPLE_REVIEW
 from helpers import (BATCHING_SCORE_TOLERANCE, EARLY, REVIEW, REVIEWS, TEXT, mixed_reviews, near_boundary)
 
 pytestmark = pytest.mark.llama
 
-SAMPLE = SAMPLE_REVIEW.read_text(encoding="utf-8").strip()
-TEXTS = {"sample review": SAMPLE, "decides early": EARLY}
+# Never sure enough to stop early, and at its end clear of a tie (margin 0.37 with the default bundle read without
+# the words). The shipped sample review is not one: read without the words, its opening sentences lead the default
+# policy to an early (and wrong) exit; with them, the words answer it, rightly
+LUKEWARM = ("Some of it works. The jokes are hit and miss. The villain is fun. The hero is dull. The effects are fine "
+            "for the money. Kids will like it more than their parents.")
+TEXTS = {"read to its end": LUKEWARM, "decides early": EARLY}
 
 
 @pytest.fixture(scope="module")

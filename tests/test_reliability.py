@@ -147,7 +147,7 @@ def test_output_that_cannot_be_written_is_exit_7(review, tmp_path, where):
 
 
 def test_output_to_a_full_standard_output_is_exit_7(review):
-    done = bash(f'"$E" classify {review} --json --n-ctx 512 > /dev/full')
+    done = bash(f'"$E" classify {review} --json --no-lexical --n-ctx 512 > /dev/full')
     assert_exit(done, 7, "cannot write to standard output")
 
 
@@ -156,7 +156,7 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path):
     (or 0 had it already written everything), and says nothing: no traceback, no "Exception ignored"."""
     rows = write_jsonl(tmp_path / "rows.jsonl", mixed_reviews(60))
     status = tmp_path / "status"
-    done = bash(f'set -o pipefail\n"$E" classify {rows} --json --n-ctx 512 | head -1\n'
+    done = bash(f'set -o pipefail\n"$E" classify {rows} --json --no-lexical --n-ctx 512 | head -1\n'
                 f'echo "${{PIPESTATUS[0]}}" > {status}')
     assert int(status.read_text()) in (0, 141) and done.returncode in (0, 141)
     assert done.stderr == ""
@@ -295,7 +295,7 @@ def test_a_device_that_never_ends_is_refused_at_once():
 def test_standard_input_by_line_ends_at_binary_and_skips_a_line_too_long():
     """Read by line, /dev/zero is one error record and the end of the input, not a line read until memory runs out;
     a line over 16 MiB is an error record, skipped without being held, and the lines after it are read."""
-    zero = bash('"$E" classify - --lines --json --n-ctx 512 < /dev/zero', timeout=120)
+    zero = bash('"$E" classify - --lines --json --no-lexical --n-ctx 512 < /dev/zero', timeout=120)
     assert zero.returncode == 3 and "Traceback" not in zero.stderr, zero.stderr
     assert [(r["input"], "binary" in r["error"]) for r in json_records(zero.stdout)] == [("stdin:1", True)]
     long = cli("classify", "-", "--lines", "--json", "--ordered", *LLM_READ,
@@ -309,8 +309,8 @@ def test_a_pipe_and_dev_stdin_are_inputs(review):
     direct = cli("classify", review, "--json", *LLM_READ)
     assert direct.returncode == 0, direct.stderr
     (want,) = json_records(direct.stdout)
-    for script in (f'"$E" classify <(cat {review}) --json --n-ctx 512',
-                   f'cat {review} | "$E" classify /dev/stdin --json --n-ctx 512'):
+    for script in (f'"$E" classify <(cat {review}) --json --no-lexical --n-ctx 512',
+                   f'cat {review} | "$E" classify /dev/stdin --json --no-lexical --n-ctx 512'):
         done = bash(script)
         assert done.returncode == 0, (script, done.stderr)
         (got,) = json_records(done.stdout)

@@ -319,8 +319,12 @@ class Classifier(Owner):
         return self.make_policy(name, behind_words)
 
     def _asks_words(self, lexical: bool | None) -> bool:
-        """Whether the lexical exit is asked first: `lexical` (default: the classifier's), where the bundle has one."""
-        return self.lexical if lexical is None else lexical and self.bundle.lexical is not None
+        """Whether the lexical exit is asked first: `lexical` (default: the classifier's), where the bundle has one.
+        Abstention and prediction sets calibrated behind the words promise nothing for a reading without them."""
+        words = self.lexical if lexical is None else lexical and self.bundle.lexical is not None
+        if self.lexical and not words and (self.abstain_below is not None or self.set_threshold is not None):
+            self.bundle.trust_for(self.policy_name, behind_words=False)  # raises where they were calibrated so
+        return words
 
     def _lexical_decision(self, text: str, name: str) -> Decision | None:
         """The words' answer, where the bundle has a threshold for policy `name` and the text's top lexical

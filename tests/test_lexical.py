@@ -196,6 +196,9 @@ def test_without_the_words_each_policy_reads_at_its_parameters_for_that(lexical_
     # abstention was calibrated behind the words, and promises nothing without them
     with pytest.raises(SettingsError, match="drop --no-lexical"):
         Classifier(bundle, lexical=False, max_error=0.1)
+    with Classifier(bundle, settings=EngineSettings(n_ctx=512), max_error=0.1) as clf:
+        with pytest.raises(SettingsError, match="drop --no-lexical"):
+            clf.classify(texts[0], lexical=False)
 
 
 @pytest.mark.llama

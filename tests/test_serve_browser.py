@@ -23,6 +23,7 @@ POSITIVE = ["I loved this film, it was wonderful and moving.", "The acting was s
             "Great fun from start to end.", "The music was lovely and the story was brilliant.",
             "A masterpiece, I will watch it again.", "Everyone should see it.", "The cast was excellent.",
             "Best movie of the year."]
+WORDS_DECIDE = "Brilliant. A masterpiece."
 NEGATIVE = "What a waste of time. The plot made no sense at all. The acting was wooden. Avoid it."
 
 
@@ -63,3 +64,8 @@ def test_typing_a_review_shows_the_label_and_which_sentences_were_read(page):
     page.fill("#text", NEGATIVE)  # an edit that is no addition: the page starts the text again
     expect(page.locator("#label")).to_have_text("negative", timeout=30_000)
     expect(page.locator(".sentence")).to_have_count(4, timeout=30_000)
+
+    # two sentences, too few for the default policy to stop: at the pause the stream finishes and the words answer
+    page.fill("#text", WORDS_DECIDE)
+    expect(page.locator("#exit")).to_have_text(re.compile("^the words alone decided"), timeout=30_000)
+    expect(page.locator("#label")).to_have_text("positive")

@@ -82,7 +82,8 @@ function show(report) {
   const label = $("label");
   label.textContent = result ? result.label : report.sentences.length ? "reading…" : "—";
   label.className = result ? "label" : "label pending";
-  $("exit").textContent = !result ? "" :
+  $("exit").textContent = !result ? "" : result.exit_layer < 0 ?  // the lexical exit, asked once the text is whole
+    "the words alone decided, once the text was finished — before any layer" :
     `decided on sentence ${result.exit_sentence + 1}, at layer ${result.exit_layer + 1} of ${report.n_layer}` +
     (result.early ? " — early exit" : " — after reading all of it");
   $("scores").replaceChildren(...Object.entries(result ? result.scores : {}).map(([name, score]) =>

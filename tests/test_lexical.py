@@ -133,6 +133,24 @@ def test_calibration_chooses_from_all_words_to_no_words(tmp_path):
     assert calibration.reference == "layer" and calibration.lexical_accuracy == 0.5
 
 
+def test_without_the_words_a_policy_is_chosen_as_with_no_lexical_head(tmp_path):
+    """Words better than every layer make them the cascade's reference; the point for reading without them is still
+    held to the best layer, and is the one a bundle converted without a lexical head would have."""
+    n, accuracy_by_layer = 400, (0.8, 0.9, 0.9, 0.92)  # the documents each layer gets right are nested
+    labels = np.arange(n) % 2
+    documents = [np.log(grid([0.8 if (i < n * a) == (label == 1) else -0.8 for a in accuracy_by_layer]))
+                 .reshape(1, 4, 2) for i, label in enumerate(labels)]
+    store = write_store(tmp_path / "store", documents, labels.tolist(), [10] * n)
+    words = np.where(labels[:, None] == 1, [0.05, 0.95], [0.95, 0.05])  # right and sure everywhere
+    heads = all_heads(4)
+    with_words = calibrate(store, heads, ["layer"], 0.05, 0.95, words)
+    without = calibrate(store, heads, ["layer"], 0.05, 0.95)
+    assert with_words.reference == "lexical" and without.reference == "layer"
+    assert with_words.llm_only["layer"].params == without.chosen["layer"].params
+    assert with_words.llm_only["layer"].params["layer"] == 1  # within 5 points of layer 3, not the most accurate
+    assert with_words.llm_only_loss_bound["layer"] == pytest.approx(without.loss_bound["layer"])
+
+
 def calibration_grid_cost(params: dict) -> float:
     """The relative cost of the layer policy at `params` on a one-sentence document of four layers."""
     return (params["layer"] + 1) / 4

@@ -120,8 +120,9 @@ class Calibration:
     loss_bound: dict[str, float]  # per policy: upper confidence bound of (reference − chosen point) accuracy
     frontier: dict[str, list[Point]]  # per policy, Pareto points only
     lexical_accuracy: float | None = None  # the lexical head alone on the calibration split
-    # with a lexical head, per policy: the point chosen by the same rule among those without the words, for reading
-    # with the lexical exit off (behind the words the point fits the documents they leave)
+    # with a lexical head, per policy: the point a bundle without one would choose (among those without the words,
+    # held to the best single layer), for reading with the lexical exit off (behind the words the point fits the
+    # documents they leave); its loss bound is against that layer
     llm_only: dict[str, Point] = field(default_factory=dict)
     llm_only_loss_bound: dict[str, float] = field(default_factory=dict)
 
@@ -204,7 +205,8 @@ def calibrate(
     accuracies = {pooling: correct.mean(axis=1) for pooling, correct in correct_by_layer.items()}
     pooling = max(accuracies, key=lambda k: accuracies[k].max())
     best_layer = int(accuracies[pooling].argmax())
-    reference, reference_name = correct_by_layer[pooling][best_layer], "layer"
+    best_layer_correct = correct_by_layer[pooling][best_layer]
+    reference, reference_name = best_layer_correct, "layer"
     lexical_correct = None if lexical is None else lexical.argmax(axis=1) == store.labels
     if lexical_correct is not None and lexical_correct.mean() > reference.mean():
         reference, reference_name = lexical_correct, "lexical"
@@ -212,7 +214,7 @@ def calibrate(
     layers = {k: list(v.layers) for k, v in heads.items()}
     chosen, loss_bound, frontier, llm_only, llm_only_bound = {}, {}, {}, {}, {}
     for policy in policies or policy_names():
-        points, bounds = [], []
+        points, bounds, alone, alone_bounds = [], [], [], []
         for params in calibration_grid(policy, store.n_layer, layers):
             replayed = replay_documents(store, heads, policy, params)
             for threshold in thresholds:
@@ -220,14 +222,16 @@ def calibrate(
                 correct = answered.probabilities.argmax(axis=1) == store.labels
                 points.append(replayed.point(policy, params, store.labels, lexical, threshold))
                 bounds.append(-paired_lower_bound(correct, reference, confidence))
+                if threshold is None:  # a point that reads every text: held to the layers, as with no words
+                    alone.append(points[-1])
+                    alone_bounds.append(-paired_lower_bound(correct, best_layer_correct, confidence))
         frontier[policy] = pareto(points)
         pick = _choose(points, bounds, tolerance)
         chosen[policy], loss_bound[policy] = points[pick], bounds[pick]
         if lexical is not None:
-            alone = [i for i, p in enumerate(points) if p.lexical_threshold is None]
-            pick = alone[_choose([points[i] for i in alone], [bounds[i] for i in alone], tolerance)]
-            llm_only[policy], llm_only_bound[policy] = points[pick], bounds[pick]
-    return Calibration(float(correct_by_layer[pooling][best_layer].mean()), {"pooling": pooling, "layer": best_layer},
+            pick = _choose(alone, alone_bounds, tolerance)
+            llm_only[policy], llm_only_bound[policy] = alone[pick], alone_bounds[pick]
+    return Calibration(float(best_layer_correct.mean()), {"pooling": pooling, "layer": best_layer},
                        reference_name, float(reference.mean()), tolerance, confidence, store.n_docs, chosen,
                        loss_bound, frontier, None if lexical_correct is None else float(lexical_correct.mean()),
                        llm_only, llm_only_bound)

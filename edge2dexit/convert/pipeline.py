@@ -291,8 +291,9 @@ def model_card(settings: ConvertSettings, bundle: Bundle, report: ConvertReport)
         llm_only = f"""
 ## Without the words (`--no-lexical`)
 
-Each policy reading every text, with the parameters calibrated for that by the same rule (behind the words a policy
-is calibrated on the documents they leave, and may read too little for the others).
+Each policy reading every text, with the parameters calibrated for that by the same rule, held to the best single
+layer as a bundle without the words would be (behind the words a policy is calibrated on the documents they leave,
+and may read too little for the others).
 
 | policy | test accuracy | 95% interval | calibration accuracy | loss bound | token-layer speed-up | parameters |
 |---|---|---|---|---|---|---|

@@ -195,7 +195,8 @@ class Classifier(Owner):
             Engine.load(self.model_path, settings, prompt=self.bundle.task_prompt, lora=self.bundle.lora_file()))
         self.bundle.check_base(sha256_file(self.model_path), self.engine.architecture, self.engine.n_layer,
                                self.engine.n_embd)
-        self.policy = self.make_policy(self.policy_name, self.lexical)
+        self._policies: dict[tuple[str, bool], Policy] = {}  # built once each: policies keep no document state
+        self.policy = self._policy(self.policy_name, self.lexical)
 
     def make_policy(self, name: str, behind_words: bool) -> Policy:
         """Policy `name` with its parameters calibrated behind the lexical exit or for reading without it; the
@@ -313,10 +314,11 @@ class Classifier(Owner):
                 self._reader = None
 
     def _policy(self, name: str, behind_words: bool) -> Policy:
-        """The bundle's default policy, as this classifier reads, is built once; others when asked for."""
-        if name == self.policy_name and behind_words == self.lexical:
-            return self.policy
-        return self.make_policy(name, behind_words)
+        """Policy `name` at its parameters behind the words or without them, built the first time it is asked for
+        (not once per text)."""
+        if (name, behind_words) not in self._policies:
+            self._policies[name, behind_words] = self.make_policy(name, behind_words)
+        return self._policies[name, behind_words]
 
     def _asks_words(self, lexical: bool | None) -> bool:
         """Whether the lexical exit is asked first: `lexical` (default: the classifier's), where the bundle has one.

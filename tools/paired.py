@@ -19,7 +19,7 @@ import numpy as np
 
 from edge2dexit.bundle import load_bundle
 from edge2dexit.convert.data import bundle_splits
-from edge2dexit.stats import Z95, wilson_interval
+from edge2dexit.stats import paired_lower_bound, wilson_interval
 
 
 def write_test_split(bundle_dir: str, out: str) -> None:
@@ -41,17 +41,17 @@ def compare(truth_path: str, a_path: str, b_path: str) -> None:
         truth = {f"{truth_path}:{i}": json.loads(line)["label"] for i, line in enumerate(f, start=1)}
     a, b = classified(a_path), classified(b_path)
     inputs = [key for key in truth if key in a and key in b]
-    for path, records in ((a_path, a), (b_path, b)):
-        right = sum(records[key]["label"] == truth[key] for key in inputs)
+    right_a, right_b = ([records[key]["label"] == truth[key] for key in inputs] for records in (a, b))
+    for path, records, right in ((a_path, a, sum(right_a)), (b_path, b, sum(right_b))):
         low, high = wilson_interval(right, len(inputs))
         token_layers = np.mean([records[key]["token_layers"] for key in inputs])
         by_words = np.mean([records[key]["exit_layer"] == -1 for key in inputs])
         print(f"{path}: accuracy {right / len(inputs):.4f} ({low:.3f}–{high:.3f}), mean token-layers "
               f"{token_layers:.0f}, answered by the words {by_words:.1%}")
-    diff = np.array([(b[key]["label"] == truth[key]) - (a[key]["label"] == truth[key]) for key in inputs], float)
-    half = Z95 * diff.std(ddof=1) / np.sqrt(len(diff))
-    print(f"paired difference (second − first) over {len(diff)} documents: {diff.mean():+.4f} "
-          f"(95%: {diff.mean() - half:+.4f} to {diff.mean() + half:+.4f})")
+    # a two-sided 95% interval: the one-sided 97.5% bound from each side
+    low, high = paired_lower_bound(right_b, right_a, 0.975), -paired_lower_bound(right_a, right_b, 0.975)
+    print(f"paired difference (second − first) over {len(inputs)} documents: "
+          f"{paired_lower_bound(right_b, right_a, 0):+.4f} (95%: {low:+.4f} to {high:+.4f})")
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import stat
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,14 @@ from . import keys
 from .cache import sha256_file
 from .errors import BundleError, InputError, SettingsError
 from .files import replacing
+from .calibrated import CalibratedHeads, Scales
 from .heads import ExitHead, ExitHeads
 from .keys import Key, Keys
 from .lexical import LexicalHead
-from .trust import Trust
+from .trust import ALONE, BEHIND_WORDS, READINGS, MarginTest, Trust
 from .models.gguf_file import check_gguf
 from .sentences import Splitter
+from .texts import label_problem
 
 EXITS_FILE = "exits.gguf"
 MODEL_FILE = "model.gguf"
@@ -81,6 +82,7 @@ class Bundle:
     task_prompt: str
     splitter: Splitter
     heads: dict[str, ExitHeads]  # pooling → heads, e.g. "sentence", "prefix"
+    scales: Scales  # what turns every head's softmax, and the words', into calibrated probabilities
     policies: dict[str, dict[str, Any]]  # name → calibrated parameters (JSON-able)
     default_policy: str
     calibration: dict[str, Any]  # JSON-able record of how the default was chosen; may be empty
@@ -93,12 +95,22 @@ class Bundle:
     # per policy: the parameters calibrated for reading with the lexical exit off; behind the words a policy was
     # calibrated on the documents they leave, and may read too little for the rest (absent: its own parameters)
     llm_only_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
-    trust: Trust | None = None  # abstention margins and prediction-set thresholds of one policy
+    # abstention and prediction sets of the default policy, per way of reading (trust.READINGS)
+    trust: dict[str, Trust] = field(default_factory=dict)
     directory: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.labels = tuple(self.labels)
         self.validate()
+
+    @property
+    def calibrated_heads(self) -> dict[str, CalibratedHeads]:
+        """The heads of every pooling with their scales: what policies read."""
+        return {pooling: CalibratedHeads(heads, self.scales.exits[pooling]) for pooling, heads in self.heads.items()}
+
+    def words(self, text: str) -> np.ndarray | None:
+        """The lexical head's calibrated probabilities of `text` (None: the bundle has no lexical head)."""
+        return None if self.lexical is None else self.scales.words(self.lexical.proba(text))
 
     def validate(self) -> None:
         """Check that the parts fit together; construction does it, and so does writing (fields may change)."""
@@ -119,8 +131,8 @@ class Bundle:
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
             raise BundleError(f"a bundle needs at least two distinct labels, got {list(self.labels)}")
         for label in self.labels:
-            if not label.strip() or any(unicodedata.category(c) == "Cc" for c in label):
-                raise BundleError(f"label {label!r} is blank or holds control characters (which a terminal obeys)")
+            if (problem := label_problem(label)) is not None:
+                raise BundleError(f"label {label!r} {problem}")
         _check_head_kind(self.head_kind)
         if not self.heads:
             raise BundleError("a bundle needs at least one set of exit heads")
@@ -130,22 +142,57 @@ class Bundle:
             raise BundleError(f"default policy {self.default_policy!r} is not among the bundle's policies "
                               f"({', '.join(self.policies) or 'none'})")
         self._check_lexical()
-        if self.trust is not None and self.trust.policy not in self.policies:
-            raise BundleError(f"the trust record is for the policy {self.trust.policy!r}, which the bundle lacks")
+        self._check_scales()
+        for reading, trust in self.trust.items():
+            if reading not in READINGS or trust.policy not in self.policies:
+                raise BundleError(f"a trust record is for {reading!r} reading with the policy {trust.policy!r}, "
+                                  "which the bundle does not have")
+            if trust.params != self.reading_params(trust.policy, reading == BEHIND_WORDS):
+                raise BundleError(f"its trust record ({reading}) was calibrated for {trust.params}, not for the "
+                                  f"{trust.policy} policy's parameters")
+
+    def _check_scales(self) -> None:
+        if (self.scales.words is None) != (self.lexical is None):
+            raise BundleError("the lexical exit and its scale must come together")
+        for pooling, heads in self.heads.items():
+            scales = self.scales.exits.get(pooling, {})
+            if set(scales) != set(heads.layers):
+                raise BundleError(f"the {pooling} exit heads' scales are for layers {sorted(scales)}, the heads for "
+                                  f"{list(heads.layers)}")
+            if any((s.fused is None) != (self.lexical is None) for s in scales.values()):
+                raise BundleError(f"the {pooling} exit heads need a scale behind the words exactly where the bundle "
+                                  "has a lexical head")
+
+    def reading_params(self, policy: str, behind_words: bool) -> dict[str, Any]:
+        """Everything that decides how `policy` reads: its parameters, and behind the words their threshold too."""
+        params = self.policy_params(policy, behind_words)
+        return {**params, "lexical_threshold": self.lexical_threshold(policy)} if behind_words else dict(params)
 
     def trust_for(self, policy: str, behind_words: bool) -> Trust:
-        """The abstention margins and prediction-set thresholds calibrated for `policy`, read behind the lexical
-        exit or without it (SettingsError: none calibrated for that)."""
-        if self.trust is None:
-            raise SettingsError("this bundle has no calibrated abstention or prediction sets: convert it again "
-                                "with this edge2dexit")
-        if self.trust.policy != policy:
-            raise SettingsError(f"abstention and prediction sets were calibrated for the {self.trust.policy} policy "
+        """The abstention margins and prediction-set thresholds calibrated for reading with `policy` behind the
+        lexical exit or without it, at the parameters the bundle reads it with (SettingsError: none calibrated for
+        that reading)."""
+        reading = BEHIND_WORDS if behind_words else ALONE
+        trust = self.trust.get(reading)
+        if trust is None:
+            raise SettingsError(f"this bundle has no calibrated abstention or prediction sets for reading "
+                                f"{reading}: convert it again with this edge2dexit")
+        if trust.policy != policy:
+            raise SettingsError(f"abstention and prediction sets were calibrated for the {trust.policy} policy "
                                 f"of this bundle, not {policy}")
-        if not behind_words and self.lexical_threshold(policy) is not None:
-            raise SettingsError("abstention and prediction sets were calibrated with the lexical exit answering "
-                                "first; they hold only with it on (drop --no-lexical)")
-        return self.trust
+        return trust
+
+    def promise(self, policy: str, behind_words: bool, max_error: float | None,
+                coverage: float | None) -> tuple[MarginTest | None, float | None]:
+        """What reading with `policy` (behind the words or not) can promise: the abstention margin that keeps the
+        error of the answers at most `max_error`, and the prediction-set threshold of `coverage` read with it (None
+        where not asked); SettingsError where the bundle cannot promise it."""
+        if max_error is None and coverage is None:
+            return None, None
+        trust = self.trust_for(policy, behind_words)
+        abstention = trust.margin_for(max_error) if max_error is not None else None
+        margin = 0.0 if abstention is None else abstention.margin
+        return abstention, None if coverage is None else trust.conformal_threshold(margin, coverage)
 
     def _check_lexical(self) -> None:
         if self.lexical is not None and self.lexical.n_classes != len(self.labels):
@@ -250,7 +297,7 @@ def _metadata(bundle: Bundle) -> list[tuple[Key, Any]]:
         (Keys.General.TYPE, keys.GENERAL_TYPE_ADAPTER),
         (Keys.Adapter.TYPE, keys.ADAPTER_TYPE_EDGE2DEXIT),
         (Keys.General.NAME, f"edge2dexit exits for {base.name or base.architecture}"),
-        (e.FORMAT_VERSION, _format_version(bundle)),
+        (e.FORMAT_VERSION, keys.FORMAT_VERSION),
         (e.BASE_NAME, base.name),
         (e.BASE_SHA256, base.sha256),
         (e.BASE_ARCHITECTURE, base.architecture),
@@ -267,25 +314,16 @@ def _metadata(bundle: Bundle) -> list[tuple[Key, Any]]:
         (e.DEFAULT_POLICY, bundle.default_policy),
         (e.CALIBRATION, json.dumps(bundle.calibration) if bundle.calibration else ""),
     ]
-    version = _format_version(bundle)
-    if version >= keys.LORA_FORMAT_VERSION:
-        lora = bundle.lora or LoraRef("", "")  # versions 4 and 5 name no adapter with empty strings
-        items += [(e.LORA_FILE, lora.file), (e.LORA_SHA256, lora.sha256)]
-    if version >= keys.LEXICAL_FORMAT_VERSION:
-        items += [(e.LEXICAL_ANALYZER, bundle.lexical.analyzer if bundle.lexical else ""),
-                  (e.LEXICAL_THRESHOLDS, json.dumps(bundle.lexical_thresholds)),
-                  (e.LLM_ONLY_POLICIES, json.dumps(bundle.llm_only_policies)),
-                  (e.TRUST, json.dumps(bundle.trust.to_json()) if bundle.trust else "")]
+    lora = bundle.lora or LoraRef("", "")  # no adapter: empty strings
+    items += [(e.LORA_FILE, lora.file), (e.LORA_SHA256, lora.sha256),
+              (e.LEXICAL_ANALYZER, bundle.lexical.analyzer if bundle.lexical else ""),
+              (e.LEXICAL_THRESHOLDS, json.dumps(bundle.lexical_thresholds)),
+              (e.LLM_ONLY_POLICIES, json.dumps(bundle.llm_only_policies)),
+              (e.SCALES, json.dumps(bundle.scales.to_json())),
+              (e.TRUST, json.dumps({reading: trust.to_json() for reading, trust in bundle.trust.items()}))]
     items += [(Keys.exit_layers(p), list(h.layers)) for p, h in bundle.heads.items()]
     items += [(Keys.policy(name), json.dumps(params)) for name, params in bundle.policies.items()]
     return items
-
-
-def _format_version(bundle: Bundle) -> int:
-    """The oldest format that carries everything `bundle` has."""
-    if bundle.lexical is not None or bundle.trust is not None:
-        return keys.LLM_ONLY_FORMAT_VERSION
-    return keys.LORA_FORMAT_VERSION if bundle.lora is not None else keys.OLDEST_FORMAT_VERSION
 
 
 def _tensors(bundle: Bundle, half: bool) -> list[tuple[str, np.ndarray]]:
@@ -419,9 +457,10 @@ def _read(path: Path) -> Bundle:
     if version > keys.FORMAT_VERSION:
         raise BundleError(f"written in exits format version {version}, this edge2dexit reads up to version "
                           f"{keys.FORMAT_VERSION}: upgrade edge2dexit")
-    if version < keys.OLDEST_FORMAT_VERSION:
-        raise BundleError(f"written in exits format version {version} by an older edge2dexit, whose policy names "
-                          "and parameters this one no longer reads: convert the bundle again")
+    if version < keys.FORMAT_VERSION:
+        raise BundleError(f"written in exits format version {version} by an older edge2dexit, whose probabilities "
+                          "were not calibrated: convert the bundle again (convert --reuse OLD/features reads "
+                          "nothing again)")
     normalisation = _value(reader, e.INPUT_NORMALISATION)
     if normalisation != keys.INPUT_STANDARDISE:
         raise BundleError(f"unknown input normalisation {normalisation!r}")
@@ -451,8 +490,7 @@ def _read(path: Path) -> Bundle:
             layer: _read_head(tensors, pooling, layer, head_kind) for layer in layers})
     used = {name for pooling, h in heads.items() for layer in h.layers
             for name in keys.head_tensors(pooling, layer, head_kind)}
-    analyzer = _value(reader, e.LEXICAL_ANALYZER) if _carries(reader, e.LEXICAL_ANALYZER, "a lexical head", version,
-                                                                   keys.LEXICAL_FORMAT_VERSION) else ""
+    analyzer = _value(reader, e.LEXICAL_ANALYZER)
     used |= set(keys.LEXICAL_TENSORS) if analyzer else set()
     unused = tensors.keys() - used
     if unused:
@@ -464,20 +502,10 @@ def _read(path: Path) -> Bundle:
         if name is not None:
             policies[name] = _json_object(key, _value(reader, Keys.policy(name)))
     calibration = _value(reader, e.CALIBRATION)
-    lora = None
-    if _carries(reader, e.LORA_FILE, "a LoRA adapter", version, keys.LORA_FORMAT_VERSION):
-        lora_file = _value(reader, e.LORA_FILE)
-        if lora_file or version == keys.LORA_FORMAT_VERSION:  # version 3 always names one
-            lora = LoraRef(lora_file, _value(reader, e.LORA_SHA256))
-    lexical, thresholds, llm_only, trust = None, {}, {}, None
-    if _carries(reader, e.TRUST, "abstention margins", version, keys.LEXICAL_FORMAT_VERSION):
-        thresholds = _json_object(e.LEXICAL_THRESHOLDS.name, _value(reader, e.LEXICAL_THRESHOLDS))
-        if _carries(reader, e.LLM_ONLY_POLICIES, "parameters for reading without the words", version,
-                    keys.LLM_ONLY_FORMAT_VERSION):
-            llm_only = _json_object(e.LLM_ONLY_POLICIES.name, _value(reader, e.LLM_ONLY_POLICIES))
-        lexical = _read_lexical(tensors, analyzer) if analyzer else None
-        record = _value(reader, e.TRUST)
-        trust = Trust.from_json(_json_object(e.TRUST.name, record)) if record else None
+    lora_file = _value(reader, e.LORA_FILE)
+    lora = LoraRef(lora_file, _value(reader, e.LORA_SHA256)) if lora_file else None
+    trust = {reading: Trust.from_json(record)
+             for reading, record in _json_object(e.TRUST.name, _value(reader, e.TRUST)).items()}
     return Bundle(
         base=base,
         labels=labels,
@@ -490,21 +518,12 @@ def _read(path: Path) -> Bundle:
         head_kind=head_kind,
         head_hidden=_value(reader, e.HEAD_HIDDEN_SIZE),
         lora=lora,
-        lexical=lexical,
-        lexical_thresholds=thresholds,
-        llm_only_policies=llm_only,
+        lexical=_read_lexical(tensors, analyzer) if analyzer else None,
+        lexical_thresholds=_json_object(e.LEXICAL_THRESHOLDS.name, _value(reader, e.LEXICAL_THRESHOLDS)),
+        llm_only_policies=_json_object(e.LLM_ONLY_POLICIES.name, _value(reader, e.LLM_ONLY_POLICIES)),
+        scales=Scales.from_json(_json_object(e.SCALES.name, _value(reader, e.SCALES))),
         trust=trust,
     )
-
-
-def _carries(reader: GGUFReader, key: Key, what: str, version: int, since: int) -> bool:
-    """Whether the file's format has `key` (for `what`): every file of format `since` or later must, and an older
-    one may not (a reader of that format would classify without it)."""
-    if version >= since:
-        return True
-    if reader.get_field(key.name) is not None:
-        raise BundleError(f"carries {what}, which format version {version} cannot: convert the bundle again")
-    return False
 
 
 def _read_lexical(tensors: dict[str, ReaderTensor], analyzer: str) -> LexicalHead:

@@ -41,7 +41,7 @@ def whole_text_input(pooling: str, means: np.ndarray) -> np.ndarray:
     return means[-1] if pooling == Pooling.SENTENCE else running_means(means)[-1]
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)  # exp never overflows: the largest term is exp(0)
     np.exp(z, out=z)
@@ -107,8 +107,8 @@ class ExitHead:
     def n_classes(self) -> int:
         return self._linears[-1][1].shape[0]
 
-    def proba(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities (float64) of one state [d] or of a batch [n, d]."""
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The head's logits (float32) of one state [d] or of a batch [n, d]."""
         h = np.asarray(x, dtype=np.float32)
         if h.shape[-1] != self.n_embd:
             raise BundleError(f"exit head for layer {self.layer} reads {self.n_embd}-dim states, "
@@ -120,7 +120,30 @@ class ExitHead:
                 np.maximum(h, 0, out=h)
             h = h @ wt
             h += b
-        return _softmax(h)
+        return h
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities (float64) of one state [d] or of a batch [n, d]: the raw softmax, before the scale
+        that calibration fitted (calibrated.py)."""
+        return softmax(self.logits(x))
+
+    def log_proba(self, x: np.ndarray) -> np.ndarray:
+        """log of `proba` (float64), computed without underflow."""
+        z = self.logits(x).astype(np.float64)
+        z -= z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    def local_linear(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(W [C, d], b [C]) with logits(x) = W · (x − norm_mean) / norm_scale + b at the state `x` [d]: the head
+        itself for a linear head; for an MLP, its linear map with each ReLU held as it is at `x` (exact there)."""
+        (w1t, b1), *rest = self._linears
+        weight, bias = w1t.T.astype(np.float64), b1.astype(np.float64)
+        h = ((np.asarray(x, dtype=np.float32) - self.norm_mean) / self.norm_scale) @ w1t + b1
+        for wt, b in rest:
+            active = (h > 0).astype(np.float64)
+            weight, bias = wt.T @ (active[:, None] * weight), wt.T @ (active * bias) + b
+            h = np.maximum(h, 0) @ wt + b
+        return weight, bias
 
 
 class ExitHeads:

@@ -14,17 +14,13 @@ from typing import NamedTuple
 
 from gguf import GGUFValueType
 
-# Bump on any change an older reader would misread. 2: policy names and parameters of 0.2; 3: a LoRA adapter file
-# beside the exits (a reader of 2 would classify without it); 4: a lexical head and its thresholds, abstention
-# margins; 5: each policy's parameters for reading without the lexical exit (a reader of 4 would read with the
-# parameters calibrated behind the words). A bundle is written in the oldest version that carries what it has.
-# Version 3 always names its adapter; versions 4 and 5 always have every optional key, empty where the bundle has no
-# such part: a key lost to damage is then a missing key, never a part silently left out.
-LORA_FORMAT_VERSION = 3  # written when a bundle has an adapter and nothing newer
-LEXICAL_FORMAT_VERSION = 4  # read: a lexical head and its thresholds, abstention margins (no longer written)
-LLM_ONLY_FORMAT_VERSION = 5  # written when a bundle has a lexical head or abstention margins
-FORMAT_VERSION = 5  # the newest this package reads
-OLDEST_FORMAT_VERSION = 2
+# Bump on any change an older reader would misread. 6: calibrated probabilities (a scale per exit head and for the
+# lexical exit) and trust records bound to their parameters, for both ways of reading; a reader of 5 would read
+# uncalibrated probabilities against margins calibrated on calibrated ones. Every key is always present (empty where
+# a bundle has no such part), so that a key lost to damage is a missing key, never a part silently left out. Older
+# formats are refused: their probabilities were never calibrated, and `convert --reuse OLD/features` rebuilds them
+# without reading anything again.
+FORMAT_VERSION = 6
 
 # Values of fixed keys.
 GENERAL_TYPE_ADAPTER = "adapter"
@@ -88,17 +84,19 @@ class Keys:
         POOLINGS = _array("edge2dexit.poolings", GGUFValueType.STRING)  # the head sets present
         DEFAULT_POLICY = _str("edge2dexit.default_policy")
         CALIBRATION = _str("edge2dexit.calibration")  # JSON object, or ""
-        # Optional (format 3): a llama.cpp LoRA adapter applied to the base model; the heads read its states.
+        # a llama.cpp LoRA adapter applied to the base model, whose states the heads read ("" and "": none)
         LORA_FILE = _str("edge2dexit.lora.file")  # a bare file name in the bundle directory, never a path
         LORA_SHA256 = _str("edge2dexit.lora.sha256")
-        # Optional (format 4): the lexical exit (lexical.py), its tensors LEXICAL_TENSORS, and per policy the top
+        # the lexical exit (lexical.py; "": none), its tensors LEXICAL_TENSORS, and per policy the top calibrated
         # probability at or above which it answers (JSON object: policy -> threshold, or null: never)
         LEXICAL_ANALYZER = _str("edge2dexit.lexical.analyzer")
         LEXICAL_THRESHOLDS = _str("edge2dexit.lexical.thresholds")
-        # Optional (format 5): per policy, the parameters calibrated for reading with the lexical exit off
-        # (JSON object: policy -> parameters; a policy absent reads with its own, as where the words never pay)
+        # per policy, the parameters calibrated for reading with the lexical exit off (JSON object: policy ->
+        # parameters; a policy absent reads with its own, as where the words never pay)
         LLM_ONLY_POLICIES = _str("edge2dexit.lexical.llm_only_policies")
-        # Optional (format 4): abstention margins and prediction-set thresholds of one policy (trust.py), JSON
+        # the scale of every exit head and of the lexical exit (calibrated.py `Scales`), JSON
+        SCALES = _str("edge2dexit.scales")
+        # abstention and prediction sets of one policy, per way of reading (trust.py), JSON: reading -> record
         TRUST = _str("edge2dexit.trust")
 
     @staticmethod

@@ -80,17 +80,31 @@ class LexicalHead:
 
     def proba(self, text: str) -> np.ndarray:
         """Class probabilities (float64) of one text."""
-        counts = Counter(i for i in map(self._index.get, analyze(text)) if i is not None)
-        logits = self.bias.astype(np.float64)
-        if counts:
-            columns = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-            tf = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
-            values = tf * self.idf[columns]
-            values /= math.sqrt(float(values @ values))
-            logits = logits + self.weight[:, columns].astype(np.float64) @ values
+        columns, values = self._features(text)
+        logits = self.bias.astype(np.float64) + self.weight[:, columns].astype(np.float64) @ values
         logits -= logits.max()
         p = np.exp(logits)
         return p / p.sum()
+
+    def explain(self, text: str, label: int, against: int, top: int = 5) -> tuple[list[tuple[str, float]], float]:
+        """The `top` n-grams of `text` that weigh most towards `label` over `against`, each with its exact share of
+        the log-odds (logit[label] − logit[against] is their sum over every n-gram of the text, plus the bias
+        difference, returned second)."""
+        columns, values = self._features(text)
+        shares = (self.weight[label, columns] - self.weight[against, columns]).astype(np.float64) * values
+        order = np.argsort(-shares)[:top]
+        return ([(self.vocabulary[columns[i]], float(shares[i])) for i in order if shares[i] > 0],
+                float(self.bias[label] - self.bias[against]))
+
+    def _features(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """The text's TF-IDF vector, sparse: (vocabulary columns, values)."""
+        counts = Counter(i for i in map(self._index.get, analyze(text)) if i is not None)
+        columns = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+        if not counts:
+            return columns, np.zeros(0)
+        tf = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
+        values = tf * self.idf[columns]
+        return columns, values / math.sqrt(float(values @ values))
 
 
 def lexical_pipeline(vocabulary_cap: int = VOCABULARY_CAP, seed: int = 0):

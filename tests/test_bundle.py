@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -61,8 +62,10 @@ def test_file_layout(exits):
     fields = {name: f.contents() for name, f in reader.fields.items()}
     assert fields[Keys.General.TYPE.name] == "adapter" and fields[Keys.Adapter.TYPE.name] == "edge2dexit"
     assert fields[Keys.General.ARCHITECTURE.name] == "llama"
-    assert fields[Keys.Exits.FORMAT_VERSION.name] == keys.OLDEST_FORMAT_VERSION == 2  # no adapter: readable by 0.2
-    assert Keys.Exits.LORA_FILE.name not in fields
+    assert fields[Keys.Exits.FORMAT_VERSION.name] == keys.FORMAT_VERSION == 6
+    assert fields[Keys.Exits.LORA_FILE.name] == "" and fields[Keys.Exits.LEXICAL_ANALYZER.name] == ""  # none: empty
+    assert json.loads(fields[Keys.Exits.SCALES.name])["exits"]["prefix"]["4"] == {"alone": [0.0] * 6, "fused": None}
+    assert json.loads(fields[Keys.Exits.TRUST.name]) == {}
     assert fields["edge2dexit.sentence.exit_layers"] == [1, 3, 5]
     assert Keys.exit_layers("prefix").name == "edge2dexit.prefix.exit_layers"
     assert reader.fields[Keys.exit_layers("prefix").name].types == [GGUFValueType.ARRAY, GGUFValueType.UINT32]
@@ -169,21 +172,25 @@ def set_format_version(exits, version):
 def test_format_version(exits):
     set_format_version(exits, keys.FORMAT_VERSION + 1)
     refused(exits, f"format version {keys.FORMAT_VERSION + 1}", "upgrade edge2dexit")
-    for old in (1, 0):  # version 1: the policy names and parameters before 0.2
+    for old in (5, 4, 1, 0):  # every older format: its probabilities were never calibrated
         set_format_version(exits, old)
-        refused(exits, f"format version {old} by an older edge2dexit", "convert the bundle again")
-    set_format_version(exits, keys.OLDEST_FORMAT_VERSION)
+        refused(exits, f"format version {old} by an older edge2dexit", "convert the bundle again", "--reuse")
+    set_format_version(exits, keys.FORMAT_VERSION)
     assert load_bundle(exits).default_policy == "prefix-mean"
-    set_format_version(exits, keys.LORA_FORMAT_VERSION)  # promises an adapter it does not name
-    refused(exits, f"missing key {Keys.Exits.LORA_FILE.name}")
 
 
-def test_lora_reference_round_trips_as_format_3_and_is_checked(tmp_path):
+@pytest.mark.parametrize("key", [Keys.Exits.LORA_FILE, Keys.Exits.LEXICAL_ANALYZER, Keys.Exits.LEXICAL_THRESHOLDS,
+                                 Keys.Exits.LLM_ONLY_POLICIES, Keys.Exits.SCALES, Keys.Exits.TRUST],
+                         ids=lambda k: k.name)
+def test_every_key_is_needed_even_where_empty(exits, tmp_path, key):
+    """A part a bundle lacks is an empty key, never a missing one: a key lost to damage cannot pass for it."""
+    refused(rewrite(exits, tmp_path / "damaged.gguf", drop=[key]), f"missing key {key.name}")
+
+
+def test_lora_reference_round_trips_and_is_checked(tmp_path):
     lora = LoraRef("lora.gguf", "b" * 64)
     original = dataclasses.replace(make_bundle(), lora=lora)
     path = write_bundle(original, tmp_path / "b")
-    fields = {name: f.contents() for name, f in GGUFReader(path).fields.items()}
-    assert fields[Keys.Exits.FORMAT_VERSION.name] == keys.LORA_FORMAT_VERSION
     loaded = load_bundle(path)
     assert loaded.lora == lora
     with pytest.raises(BundleError, match="needs its LoRA adapter lora.gguf"):
@@ -194,20 +201,20 @@ def test_lora_reference_round_trips_as_format_3_and_is_checked(tmp_path):
     for name in ("../lora.gguf", "/tmp/lora.gguf", "lora.bin", "exits.gguf", "model.gguf"):
         with pytest.raises(BundleError, match="must be a bare"):
             dataclasses.replace(original, lora=LoraRef(name, "b" * 64))
-    set_format_version(path, keys.OLDEST_FORMAT_VERSION)  # a 0.2 reader would ignore the adapter: never written
-    refused(path, "carries a LoRA adapter, which format version 2 cannot")
 
 
-def test_default_bundle_carries_the_lexical_exit_and_abstention_margins():
+def test_default_bundle_carries_the_lexical_exit_scales_and_trust_for_both_readings():
     from edge2dexit.classifier import DEFAULT_BUNDLE
     from edge2dexit.policies import policy_names
 
     reader = GGUFReader(DEFAULT_BUNDLE / "exits.gguf")
-    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.LLM_ONLY_FORMAT_VERSION
+    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.FORMAT_VERSION
     bundle = load_bundle(DEFAULT_BUNDLE)
     assert set(bundle.policies) == set(policy_names()) and bundle.default_policy == "prefix-mean"
     assert bundle.lexical is not None and set(bundle.lexical_thresholds) == set(bundle.policies)
-    assert bundle.trust is not None and bundle.trust.policy == "prefix-mean"
+    assert bundle.scales.words is not None and set(bundle.scales.exits) == set(bundle.heads)
+    assert set(bundle.trust) == {"behind the words", "alone"}
+    assert all(t.policy == "prefix-mean" for t in bundle.trust.values())
     assert set(bundle.policies["prefix-mean"]) >= {"layer", "threshold", "min_sentences"}
 
 

@@ -19,6 +19,7 @@ import pytest
 from gguf import GGUFReader, GGUFWriter
 
 from edge2dexit.bundle import BaseModelRef, Bundle, write_lora
+from edge2dexit.calibrated import CalibratedHeads, Scales
 from edge2dexit.convert.data import DataSettings
 from edge2dexit.convert.pipeline import convert
 from edge2dexit.convert.settings import ConvertSettings, TrainSettings
@@ -173,24 +174,29 @@ def synthetic_reviews(path, n_per_class=12, seed=0):
                 w.writerow([" ".join(sentences), label])
 
 
-def tiny_convert(root, model, lexical=False, **settings):
+def tiny_convert(root, model, lexical=False, fractions=(0.6, 0.2, 0.2), **settings):
     """Convert two dozen synthetic reviews under `root` (a few seconds; `settings` adds to the ConvertSettings).
     Without a lexical exit unless asked: on these reviews the words alone decide everything, and most tests are
     about what the LLM reads."""
+    return convert(tiny_settings(root, model, lexical, fractions, **settings))
+
+
+def tiny_settings(root, model, lexical=False, fractions=(0.6, 0.2, 0.2), **settings) -> ConvertSettings:
+    """What `tiny_convert` converts with, its reviews written under `root`."""
     data = root / "reviews.csv"
     synthetic_reviews(data)
     # The split and learning rate this test was written with (the defaults became 0.5/0.25/0.25 and 3e-4, which on
     # a dozen documents leaves the heads barely trained).
-    return convert(ConvertSettings(
+    return ConvertSettings(
         model=model,
         data=DataSettings(str(data), text_column="review", label_column="sentiment", per_class=None,
-                          fractions=(0.6, 0.2, 0.2), splitter="regex"),
+                          fractions=fractions, splitter="regex"),
         out=root / "bundle",
         head=TrainSettings(kind="linear", epochs=30, seed=0, lr=1e-3), tolerance=0.05,
         engine=EngineSettings(n_ctx=512),
         lexical=lexical,
         **settings,
-    ))
+    )
 
 
 # --- synthetic heads and probability grids (policies read log-probabilities through identity heads) ------------
@@ -214,8 +220,10 @@ def grid(*margins_by_sentence):
 
 
 def all_heads(n_layer):
-    return {Pooling.SENTENCE: identity_heads(Pooling.SENTENCE, n_layer),
-            Pooling.PREFIX: identity_heads(Pooling.PREFIX, n_layer)}
+    """Identity heads of both poolings with scales that change nothing (alone and behind the words)."""
+    heads = {pooling: identity_heads(pooling, n_layer) for pooling in (Pooling.SENTENCE, Pooling.PREFIX)}
+    scales = Scales.identity(heads, lexical=True)
+    return {pooling: CalibratedHeads(h, scales.exits[pooling]) for pooling, h in heads.items()}
 
 
 def run(name, P, tokens, min_decode_tokens=1, **params):
@@ -246,13 +254,15 @@ def make_heads(rng, pooling, labels, layers, kind):
 
 def make_bundle(kind="mlp", labels=("neg", "pos")):
     rng = np.random.default_rng(0)
+    heads = {"sentence": make_heads(rng, "sentence", labels, [1, 3, 5], kind),
+             "prefix": make_heads(rng, "prefix", labels, [2, 4], kind)}
     return Bundle(
         base=BaseModelRef("smollm2-135m", SHA, "llama", 6, D),
         labels=labels,
         task_prompt="Classify the sentiment of this review:",
         splitter=Splitter("regex", "en"),
-        heads={"sentence": make_heads(rng, "sentence", labels, [1, 3, 5], kind),
-               "prefix": make_heads(rng, "prefix", labels, [2, 4], kind)},
+        heads=heads,
+        scales=Scales.identity(heads, lexical=False),
         policies={"prefix-mean": {"layer": 4, "threshold": 0.25, "min_sentences": 3}, "full": {}},
         default_policy="prefix-mean",
         calibration={"frontier": [[0.91, 2.5], [0.9, 3.1]], "chosen": 1},
@@ -288,8 +298,17 @@ def with_lexical(bundle, thresholds=None):
 
     texts, labels = lexical_corpus(200, n_classes=len(bundle.labels))
     head = fit_lexical(texts, labels, len(bundle.labels))
-    return dataclasses.replace(bundle, lexical=head,
+    return dataclasses.replace(bundle, lexical=head, scales=Scales.identity(bundle.heads, lexical=True),
                                lexical_thresholds=thresholds or dict.fromkeys(bundle.policies, 0.8))
+
+
+def without_words(bundle):
+    """`bundle` read by the LLM at the parameters calibrated behind its words, with no words before it: each head
+    at its scale for reading alone."""
+    scales = Scales(None, {pooling: {layer: dataclasses.replace(scale, fused=None) for layer, scale in layers.items()}
+                           for pooling, layers in bundle.scales.exits.items()})
+    return dataclasses.replace(bundle, lexical=None, lexical_thresholds={}, llm_only_policies={}, trust={},
+                               scales=scales)
 
 
 # --- files ----------------------------------------------------------------------------------------------------

@@ -15,13 +15,14 @@ from edge2dexit import Classifier
 from edge2dexit.bundle import load_bundle, write_exits
 from edge2dexit.cli import app
 from edge2dexit.convert.data import DataSettings, make_splits
+from edge2dexit.trust import REPORTED_ERRORS
 from edge2dexit.document import sentence_by_sentence
 from edge2dexit.engine import EngineSettings
 from edge2dexit.errors import InputError
 from edge2dexit.policies import policy_names
 from edge2dexit.measure.throughput import throughput_benchmark
 
-from helpers import TEXT
+from helpers import TEXT, tiny_convert, tiny_settings
 
 pytestmark = pytest.mark.llama
 
@@ -34,6 +35,61 @@ def test_convert_writes_a_loadable_bundle(tiny_bundle):
     card = (tiny_bundle.bundle / "README.md").read_text()
     assert "Test split" in card and "paper2d" in card
     assert set(tiny_bundle.test) == set(policy_names())
+
+
+def test_out_of_fold_reads_never_see_their_own_fold(tiny_bundle, monkeypatch):
+    """Every document calibration measures was read by heads and a lexical exit trained without it, and every
+    training or calibration document is read once: what each head set and lexical head was fitted on is recorded,
+    and what each lexical head was asked to score."""
+    from edge2dexit.convert import pipeline
+    from edge2dexit.convert.features import stores_under
+
+    settings = tiny_settings(tiny_bundle.bundle.parent, tiny_bundle.bundle.parent / "unused.gguf", lexical=True)
+    splits = make_splits(settings.data)
+    stores = {store.directory.name: store for store in stores_under([tiny_bundle.bundle / "features"])}
+    fitted_on: dict[int, set] = {}  # id of a head set or a lexical head → the documents (or texts) it was fitted on
+    scored: list[tuple[int, str]] = []  # (id of a lexical head, a text it scored)
+
+    def recording_heads(documents, *args, **kwargs):
+        heads, report = train_heads(documents, *args, **kwargs)
+        fitted_on[id(heads)] = {(store.directory, j) for store, docs in documents.parts for j in docs}
+        return heads, report
+
+    class RecordingLexical:
+        def __init__(self, texts, *args, **kwargs):
+            self.head = fit_lexical(texts, *args, **kwargs)
+            fitted_on[id(self)] = set(texts)
+
+        def proba(self, text):
+            scored.append((id(self), text))
+            return self.head.proba(text)
+
+    train_heads, fit_lexical = pipeline.train_heads, pipeline.fit_lexical
+    monkeypatch.setattr(pipeline, "train_heads", recording_heads)
+    monkeypatch.setattr(pipeline, "fit_lexical", RecordingLexical)
+    exits = pipeline.fit_exits(settings, splits, stores)
+
+    assert settings.folds > 1 and len(exits.held.folds) == settings.folds
+    read = []
+    for fold in exits.held.folds:
+        documents = {(store.directory, j) for store, docs in fold.documents.parts for j in docs}
+        for heads in fold.heads.values():
+            assert documents and not documents & fitted_on[id(heads)]
+        read += documents
+    pool = len(splits.train) + len(splits.calibration)
+    assert len(read) == len(set(read)) == pool
+    assert len(scored) == pool + len(splits.test)
+    assert not any(text in fitted_on[head] for head, text in scored)
+
+
+def test_a_bundle_without_a_test_split_says_its_figures_are_cross_validated(tmp_path, smollm2_path):
+    report = tiny_convert(tmp_path, smollm2_path, lexical=True, fractions=(0.7, 0.3, 0.0))
+    assert report.cross_validated
+    card = (report.bundle / "README.md").read_text()
+    assert "every figure below is cross-validated" in card
+    with Classifier(report.bundle) as clf:
+        result = clf.classify(TEXT)
+    assert result.label in ("neg", "pos") and sum(result.scores.values()) == pytest.approx(1)
 
 
 def test_exits_round_trip_every_key_and_tensor(tiny_bundle, tmp_path):
@@ -194,7 +250,9 @@ def test_eval_structure_oracle_and_consistency(classifier, tmp_path):
     figures = write_figures(ev, classifier.bundle.calibration, tmp_path)
     assert [f.name for f in figures] == ["accuracy_sentence_layer.png", "frontier.png", "exits.png",
                                          *(["risk_coverage.png"] if ev.abstention else [])]
-    assert ev.abstention and {a.error_rate for a in ev.abstention} == set(classifier.bundle.trust.margins)
+    assert ev.abstention and {a.error_rate for a in ev.abstention} == set(REPORTED_ERRORS)
+    for row in ev.abstention:  # what the bundle cannot promise is said, not answered "unsure" throughout
+        assert (row.margin is None) == (row.answered == 0 and row.seconds == 0)
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in figures)
 
 
@@ -241,6 +299,15 @@ def test_cli_eval_reads_the_bundles_own_split(tiny_bundle):
     table = res.stdout
     assert table.startswith("3 documents, 30 layers")
     assert [line.split()[0] for line in table.splitlines()[2:6]] == ["full", "prefix-mean", "layer", "oracle"]
+
+
+def test_cli_eval_refuses_data_whose_labels_are_not_the_bundle_s(tiny_bundle, tmp_path):
+    other = tmp_path / "other.csv"
+    other.write_text("review,sentiment\n" + "".join(f"Review {i}. It was fine.,{'good' if i % 2 else 'bad'}\n"
+                                                     for i in range(40)))
+    res = CliRunner().invoke(app, ["eval", "--bundle", str(tiny_bundle.bundle), "--data", str(other), "--n-ctx", "512"])
+    assert res.exit_code == 3, res.output
+    assert "'bad', 'good'" in res.stderr and "'neg', 'pos'" in res.stderr and "Traceback" not in res.output
 
 
 def test_cli_eval_reads_no_file_a_bundle_names(tiny_bundle):

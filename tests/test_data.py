@@ -1,6 +1,7 @@
 """Labelled data: reading user files, every input error, and the cleaning / balancing / splitting steps."""
 
 import json
+import time
 
 import pytest
 
@@ -11,6 +12,7 @@ from edge2dexit.convert.data import (
     LabelledSet,
     check_labels_seen,
     load_builtin,
+    labelled,
     load_file,
     make_splits,
     prepare,
@@ -146,11 +148,45 @@ def test_split_errors():
         split(few_neutral)
     with pytest.raises(InputError, match="add up to 1"):
         split(_balanced(10), fractions=(0.5, 0.2, 0.2))
-    with pytest.raises(InputError, match="positive"):
-        split(_balanced(10), fractions=(0.8, 0.2, 0.0))
+    with pytest.raises(InputError, match="training fraction positive"):
+        split(_balanced(10), fractions=(0.0, 0.8, 0.2))
+    no_test = split(_balanced(10), fractions=(0.8, 0.2, 0.0))  # allowed: the figures are then cross-validated
+    assert len(no_test.test) == 0 and len(no_test.train) + len(no_test.calibration) == 30
+    assert "test" in no_test.describe()
     assert DEFAULT_FRACTIONS == (0.5, 0.25, 0.25)
     other = split(_balanced(20), fractions=(0.6, 0.2, 0.2), seed=1)
     assert (len(other.train), len(other.calibration), len(other.test)) == (36, 12, 12)
+
+
+def test_rows_left_out_are_counted_aloud():
+    twenty = labelled(["Great"] * 20 + [f"Bad film {i}." for i in range(20)], ["pos"] * 20 + ["neg"] * 20)
+    with pytest.raises(InputError, match=r"class 'pos' has 1 example\(s\).*19 row\(s\) left out: the same text as an "
+                                         r"earlier row"):
+        split(prepare(twenty, Splitter("regex")))
+    kept = split(prepare(labelled(["Great"] * 5 + [f"Film {i}." for i in range(40)], ["pos"] * 25 + ["neg"] * 20),
+                         Splitter("regex")))
+    assert "left out before splitting: 4 row(s): the same text as an earlier row" in kept.describe()
+
+
+@pytest.mark.parametrize("label", ["pos\x07", "  ", "\x1b[31mred", "ne\ng"])
+def test_labels_a_terminal_would_obey_or_that_are_blank_are_refused_at_load(tmp_path, label):
+    """At load, before anything is read or trained: in a file (convert, exit 3) and from Python lists (train)."""
+    with pytest.raises(InputError, match="a label must name its class"):
+        labelled(["Good.", "Bad."], [label, "other"])
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Text {i}.", "label": label if i % 2 else "other"}) + "\n"
+                            for i in range(20)))
+    with pytest.raises(InputError, match="label"):  # a blank cell: "an empty 'label'", as before
+        load_file(data)
+    from typer.testing import CliRunner
+
+    from edge2dexit.cli import app
+
+    started = time.perf_counter()
+    done = CliRunner().invoke(app, ["convert", "--model", "smollm2-135m@q8_0", "--data", str(data), "--per-class",
+                                    "0", "--out", str(tmp_path / "b")])
+    assert done.exit_code == 3 and "label" in done.stderr, done.output
+    assert time.perf_counter() - started < 30 and not (tmp_path / "b" / "features").exists()
 
 
 def test_check_labels_seen():

@@ -78,3 +78,25 @@ def test_a_saved_fit_is_a_bundle_the_cli_reads(tmp_path, smollm2_path, features)
     assert json.loads(result.stdout)["label"] in ("neg", "pos")
     again = edge2dexit.EarlyExitClassifier.load(tmp_path / "saved", n_ctx=256)
     np.testing.assert_allclose(again.predict_proba(texts[:3]), fitted.predict_proba(texts[:3]))
+
+
+def test_a_fitted_estimator_pickles_with_its_bundle_and_reopens_where_it_is_loaded(tmp_path, smollm2_path, features):
+    import joblib
+    from sklearn.exceptions import NotFittedError
+
+    texts, labels = reviews()
+    unfitted = estimator(smollm2_path, features)
+    with pytest.raises(NotFittedError):
+        unfitted.predict(texts[:1])
+    fitted = estimator(smollm2_path, features).fit(texts, labels)
+    expected = fitted.predict_proba(texts[:3])
+    with pytest.raises(ValueError, match="string object received"):
+        fitted.predict("one text, not a list of them")
+    joblib.dump(fitted, tmp_path / "fitted.joblib")
+    loaded = joblib.load(tmp_path / "fitted.joblib")
+    assert loaded.directory_ != fitted.directory_ and (loaded.directory_ / "exits.gguf").is_file()
+    assert not (loaded.directory_ / "features").exists()  # what was read stays out of the pickle
+    np.testing.assert_allclose(loaded.predict_proba(texts[:3]), expected)
+    first = fitted._classifier()
+    fitted.fit(texts, labels)  # a refit closes the classifier of the fit before
+    assert first.closed and fitted._classifier() is not first

@@ -9,7 +9,7 @@ import torch
 
 from edge2dexit.convert.features import open_store
 from edge2dexit.convert.settings import TrainSettings
-from edge2dexit.convert.train import export_head, head_module, inputs, train_heads
+from edge2dexit.convert.train import export_head, head_module, train_heads
 from edge2dexit.errors import InputError
 
 LABELS = ("neg", "pos", "mixed")
@@ -46,7 +46,7 @@ def separable_store(directory, n_docs=90, n_layer=3, n_embd=24, seed=0):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return separable_store(tmp_path_factory.mktemp("features"))
+    return separable_store(tmp_path_factory.mktemp("features")).select()
 
 
 @pytest.mark.parametrize("pooling", ["sentence", "prefix"])
@@ -90,25 +90,30 @@ def test_same_seed_gives_identical_heads_and_layers_are_independent(store):
     assert not np.array_equal(other.head(1).weights[0][0], only.head(1).weights[0][0])
 
 
-def test_inputs_are_sentence_means_and_running_prefix_means(tmp_path):
+def test_examples_are_sentence_means_and_running_prefix_means(tmp_path):
     rng = np.random.default_rng(0)
     documents = [rng.normal(size=(m, 2, 3)) for m in (3, 1, 4)]
     store = write_store(tmp_path, documents, [0, 1, 0])
     docs = [2, 0, 1]  # any order: examples follow it
     stored = [np.asarray(d, dtype=np.float16).astype(np.float32) for d in documents]
 
-    x, y, doc_index = inputs(store, "sentence", 1, docs)
+    x, y, doc, read = store.select(docs).examples("sentence", 1)
     np.testing.assert_array_equal(x, np.concatenate([stored[i][:, 1] for i in docs]))
     assert x.dtype == np.float32
-    assert doc_index.tolist() == [2, 2, 2, 2, 0, 0, 0, 1] and y.tolist() == [0, 0, 0, 0, 0, 0, 0, 1]
+    assert doc.tolist() == [0, 0, 0, 0, 1, 1, 1, 2] and y.tolist() == [0, 0, 0, 0, 0, 0, 0, 1]
+    assert read.tolist() == [1, 2, 3, 4, 1, 2, 3, 1]
 
-    x, y, doc_index = inputs(store, "prefix", 1, docs)
+    x, y, doc, read = store.select(docs).examples("prefix", 1)
     expected = [stored[i][: k + 1, 1].mean(axis=0) for i in docs for k in range(len(stored[i]))]
     np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-6)
-    assert doc_index.tolist() == [2, 2, 2, 2, 0, 0, 0, 1] and y.tolist() == [0, 0, 0, 0, 0, 0, 0, 1]
+    assert doc.tolist() == [0, 0, 0, 0, 1, 1, 1, 2] and y.tolist() == [0, 0, 0, 0, 0, 0, 0, 1]
+
+    # a selection of a selection, and two joined, read the same documents in the same order
+    twice = store.select([0, 1, 2]).select([2, 0]) + store.select([1])
+    np.testing.assert_array_equal(twice.examples("prefix", 1)[0], x)
 
     with pytest.raises(InputError, match="pooling"):
-        inputs(store, "tokens", 1, docs)
+        store.select(docs).examples("tokens", 1)
 
     np.testing.assert_array_equal(store.layer_means(2, 1), stored[2][:, 1])
     states, counts = store.document(2)
@@ -126,10 +131,10 @@ def test_train_settings_defaults_and_checks():
 
 def test_unusable_labels_are_refused(tmp_path):
     documents = [np.ones((2, 2, 3)) * i for i in range(6)]
-    single = write_store(tmp_path / "single", documents, [1] * 6)
+    single = write_store(tmp_path / "single", documents, [1] * 6).select()
     with pytest.raises(InputError, match="two classes"):
         train_heads(single, LABELS, "sentence", FAST)
-    outside = write_store(tmp_path / "outside", documents, [0, 1, 3, 0, 1, 3])
+    outside = write_store(tmp_path / "outside", documents, [0, 1, 3, 0, 1, 3]).select()
     with pytest.raises(InputError, match="class indices"):
         train_heads(outside, LABELS, "sentence", FAST)
 
@@ -139,5 +144,5 @@ def test_partial_store_is_refused(tmp_path):
     meta = json.loads((tmp_path / "meta.json").read_text())
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "done": 8}))
     with pytest.raises(InputError, match="8 of 12"):
-        train_heads(open_store(tmp_path), LABELS, "sentence", FAST)
+        train_heads(open_store(tmp_path).select(), LABELS, "sentence", FAST)
     assert store.done == 12

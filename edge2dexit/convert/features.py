@@ -34,6 +34,7 @@ from ..cache import sha256_file
 from ..document import whole_text
 from ..engine import Engine
 from ..errors import ContextOverflowError, InputError
+from ..heads import Pooling, running_means
 from ..files import write_text
 from ..sentences import Splitter
 
@@ -61,13 +62,91 @@ class FeatureStore:
         return len(self.labels)
 
     def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(states [m, n_layer, n_embd] float32, tokens per sentence [m]) of document i."""
+        """(states [m, n_layer, n_embd] as stored, float16, tokens per sentence [m]) of document i: a view, which a
+        replay converts only at the layers it reads."""
         a, b = self.offsets[i], self.offsets[i + 1]
-        return np.asarray(self.states[a:b], dtype=np.float32), self.tokens[a:b]
+        return self.states[a:b], self.tokens[a:b]
 
     def layer_means(self, i: int, layer: int) -> np.ndarray:
         """Sentence means [m, n_embd] float32 of document i at one layer."""
         return np.asarray(self.states[self.offsets[i] : self.offsets[i + 1], layer], dtype=np.float32)
+
+    def select(self, docs: Sequence[int] | np.ndarray | None = None) -> "Documents":
+        """The documents `docs` of this store (all of them: None), in that order."""
+        return Documents([(self, np.arange(self.n_docs) if docs is None else np.asarray(docs, dtype=np.int64))])
+
+
+class Documents:
+    """Documents drawn from one or more feature stores, in a chosen order: what training, calibration and replays
+    read. A store holds the documents of one split as they were read; a `Documents` is any part of them (a half of
+    the calibration split, the folds of cross-fitting) without copying a state."""
+
+    def __init__(self, parts: Sequence[tuple[FeatureStore, np.ndarray]]):
+        self.parts = [(store, np.asarray(docs, dtype=np.int64)) for store, docs in parts]
+        self._where = [(store, int(i)) for store, docs in self.parts for i in docs]
+        self.labels = np.concatenate([store.labels[docs] for store, docs in self.parts])
+        self.n_layer = self.parts[0][0].n_layer
+
+    @property
+    def n_docs(self) -> int:
+        return len(self._where)
+
+    def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        store, j = self._where[i]
+        return store.document(j)
+
+    def layer_means(self, i: int, layer: int) -> np.ndarray:
+        store, j = self._where[i]
+        return store.layer_means(j, layer)
+
+    def select(self, docs: Sequence[int] | np.ndarray) -> "Documents":
+        """The documents at positions `docs` of this selection, in that order."""
+        docs = np.asarray(docs, dtype=np.int64)
+        if not len(docs):  # none: an empty part of the first store keeps what the selection is of
+            return Documents([(self.parts[0][0], docs)])
+        return Documents([(store, np.array([j])) for store, j in (self._where[i] for i in docs)]).merged()
+
+    def __add__(self, other: "Documents") -> "Documents":
+        return Documents(self.parts + other.parts).merged()
+
+    def merged(self) -> "Documents":
+        """The same documents, runs from one store joined into one part (fewer, larger reads)."""
+        parts: list[tuple[FeatureStore, list[int]]] = []
+        for store, j in self._where:
+            if parts and parts[-1][0] is store:
+                parts[-1][1].append(j)
+            else:
+                parts.append((store, [j]))
+        return Documents([(store, np.array(docs)) for store, docs in parts])
+
+    def sentence_tokens(self) -> np.ndarray:
+        """Tokens of every sentence, in document then sentence order (the order of `examples`)."""
+        return np.concatenate([store.tokens[np.concatenate([np.arange(store.offsets[j], store.offsets[j + 1])
+                                                            for j in docs])] for store, docs in self.parts])
+
+    def examples(self, pooling: str, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every (document, sentence) example at one layer, in document then sentence order: (X [n, n_embd]
+        float32, y [n] labels, doc [n] position of each example's document in this selection, read [n] sentences
+        the example covers). Both poolings give one example per sentence: for "prefix", the example at sentence k
+        of a document is the mean of its sentence means 0..k (what the runtime's running sum divided by k + 1
+        gives), read = k + 1; for "sentence", that sentence's mean, read = its place in the text, k + 1."""
+        if pooling not in Pooling.ALL:
+            raise InputError(f"unknown pooling {pooling!r}; expected one of {', '.join(Pooling.ALL)}")
+        xs, counts = [], []
+        for store, docs in self.parts:
+            starts, lengths = store.offsets[docs], np.diff(store.offsets)[docs]
+            first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            rows = np.repeat(starts, lengths) + np.arange(lengths.sum()) - first
+            xs.append(np.asarray(store.states[rows, layer], dtype=np.float32))
+            counts.append(lengths)
+        counts = np.concatenate(counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)  # row of each example's first sentence
+        read = np.arange(counts.sum()) - first + 1
+        x = np.concatenate(xs)
+        if pooling == Pooling.PREFIX:
+            x = running_means(x, first)
+        doc = np.repeat(np.arange(self.n_docs), counts)
+        return x, self.labels[doc], doc, read
 
 
 def open_store(directory: str | Path) -> FeatureStore:

@@ -18,43 +18,49 @@ from typing import Any
 
 import numpy as np
 
-from ..baselines import TFIDF_DESCRIPTION, TFIDF_NAME, tfidf_logreg
+from ..baselines import TFIDF_NAME, tfidf_logreg
 from ..bundle import LORA_FILE, MODEL_CARD, MODEL_FILE, BaseModelRef, Bundle, LoraRef, write_bundle
 from ..cache import sha256_file
 from ..engine import Engine
 from ..files import write_text
-from ..heads import Pooling, margin
-from ..lexical import VOCABULARY_CAP, fit_lexical
+from ..errors import InputError
+from ..heads import ExitHeads, Pooling
+from ..lexical import LexicalHead, fit_lexical
 from ..llama import quantize
 from ..models.registry import identify, resolve_model
 from ..sentences import Splitter
-from ..policies import policy_class
 from ..stats import wilson_interval
+from ..trust import ALONE, BEHIND_WORDS, Trust
 from . import lora
-from .calibrate import (TRUST_BOUND, Calibration, Point, TrustCalibration, calibrate, calibrate_trust,
-                        layer_accuracies, replay, replay_documents)
+from .answers import Answers, measure
+from .calibrate import TRUST_PROCEDURE, Calibration, Fold, HeldOut, Point, calibrate, calibrate_trust, fit_scales, \
+    layer_accuracies, rescore
+from .card import LEXICAL_ROW, TFIDF_ROW, figure, model_card, speedup
 from .data import Splits, make_splits
 from .features import FeatureStore, extract, stores_under
 from .hf import hf_to_gguf, is_hf_checkpoint
 from .settings import DEFAULT_PROMPT, SENTIMENT_PROMPT, ConvertSettings
-from .train import train_heads
+from .train import split_documents, train_heads
 
-TFIDF_ROW = f"baseline, no LLM: {TFIDF_DESCRIPTION} on the same training documents"
 
 
 @dataclass
 class ConvertReport:
     bundle: Path
     splits: str
+    method: str  # how the heads were trained and read the calibration documents (Exits.describe)
+    choose_docs: int  # calibration documents that fitted the scales and chose every point
+    certify_docs: int  # calibration documents that certified the trust
     calibration: Calibration
     test: dict[str, Point]  # each policy as chosen, behind the lexical exit where it has a threshold
     test_without_lexical: dict[str, Point]  # each policy with no lexical exit, at its parameters for that
     test_docs: int
+    cross_validated: bool  # no test split: the figures are the certifying half's out-of-fold reads
     test_layer_accuracy: dict[str, list[float]]
-    tfidf_accuracy: float  # TF-IDF + logistic regression trained on the training split, on the test split
+    tfidf_accuracy: float | None  # TF-IDF + logistic regression trained as the heads were, on the test split
     lexical_accuracy: float | None  # the bundle's lexical head alone on the test split
-    trust: TrustCalibration | None  # the default policy's abstention and prediction sets, on calibration
-    trust_test: list[dict[str, Any]]  # the same, measured on the test split
+    trust: dict[str, Trust]  # the default policy's abstention and prediction sets, per way of reading
+    answers: dict[str, Answers]  # the default policy's answers on the test split, per way of reading
     seconds: dict[str, float]
     lora: lora.LoraReport | None = None
 
@@ -68,8 +74,11 @@ class ConvertReport:
         for name, p in self.test.items():
             low, high = self.interval(p.accuracy)
             lines.append(f"{name:13} {p.accuracy:9.3f}   {low:.3f}–{high:.3f} {self.calibration.loss_bound[name]:11.3f} "
-                         f"{_speedup(p.cost):>13} {_speedup(p.operations):>11} {p.lexical_share:8.1%}  {p.params}"
+                         f"{speedup(p.cost):>13} {speedup(p.operations):>11} {p.lexical_share:8.1%}  {p.params}"
                          + (f", words at ≥ {p.lexical_threshold}" if p.lexical_threshold is not None else ""))
+        if self.cross_validated:
+            lines.append("(no test split: every figure is cross-validated, from the out-of-fold reads of the "
+                         "calibration documents that certified the trust)")
         for name, accuracy in ((TFIDF_NAME, self.tfidf_accuracy), ("lexical head", self.lexical_accuracy)):
             if accuracy is not None:
                 low, high = self.interval(accuracy)
@@ -77,26 +86,18 @@ class ConvertReport:
                              f"({TFIDF_ROW if name == TFIDF_NAME else LEXICAL_ROW})")
         lines.append(f"(speed-ups against full depth; lexical: share answered by the words alone; loss bound: on "
                      f"calibration, against the reference; {self.calibration.describe_target()})")
-        for row in self.trust_test:
-            lines.append(f"abstention at α = {row['error_rate']:.0%} ({self.trust.trust.policy}): margin "
-                         f"{row['margin']}, test coverage {row['coverage']:.3f}, error among answered "
-                         f"{_figure(row['error'])}")
+        for reading, answers in self.answers.items():
+            promises = ", ".join(f"--max-error {row['error_rate']:g}: " + (
+                "cannot promise" if row["margin"] is None else
+                f"answers {row['coverage']:.0%}, error {figure(row['error'])}") for row in answers.abstention)
+            lines.append(f"the default read {reading}: test accuracy {answers.accuracy:.3f}, ECE {answers.ece:.3f} "
+                         f"(as the heads computed it: {answers.ece_raw:.3f}); {promises}")
         if self.lora is not None:
             lines.append(self.lora.describe())
         lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
 
-LEXICAL_ROW = "the bundle's lexical exit alone: " + TFIDF_DESCRIPTION + f", {VOCABULARY_CAP:,} n-grams at most"
-
-
-def _speedup(cost: float) -> str:
-    """A relative cost as a speed-up; a point that reads nothing (the words answered everything) is infinitely fast."""
-    return f"{1 / cost:.2f}×" if cost > 0 else "∞"
-
-
-def _figure(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
 
 def convert(settings: ConvertSettings) -> ConvertReport:
@@ -158,79 +159,157 @@ def build(settings: ConvertSettings, splits: Splits, model_path: Path, registry_
         base = BaseModelRef(registry_name, sha256_file(model_path), engine.architecture, engine.n_layer, engine.n_embd)
         for part in ("train", "calibration", "test"):
             ds = getattr(splits, part)
-            stores[part] = extract(engine, ds.texts, ds.labels, splitter, work / part, settings.max_sentences,
-                                   reuse=earlier)
+            if len(ds):
+                stores[part] = extract(engine, ds.texts, ds.labels, splitter, work / part, settings.max_sentences,
+                                       reuse=earlier)
     lap("features")
 
-    label_names = splits.train.label_names
-    heads = {pooling: train_heads(stores["train"], label_names, pooling, settings.head)[0] for pooling in Pooling.ALL}
-    lexical = fit_lexical(splits.train.texts, splits.train.labels, len(label_names), seed=settings.head.seed) \
-        if settings.lexical else None
-    words = {part: None if lexical is None else np.stack([lexical.proba(t) for t in getattr(splits, part).texts])
-             for part in ("calibration", "test")}
+    exits = fit_exits(settings, splits, stores)
     lap("training")
+    return calibrate_and_write(settings, splits, base, exits, prompt, splitter, lora_path, lora_report, timings)
 
-    calibration = calibrate(stores["calibration"], heads, None, settings.tolerance, settings.confidence,
-                            words["calibration"])
+
+def calibrate_and_write(settings: ConvertSettings, splits: Splits, base: BaseModelRef, exits: Exits, prompt: str,
+                        splitter: Splitter, lora_path: Path | None = None, lora_report: lora.LoraReport | None = None,
+                        timings: dict[str, float] | None = None) -> ConvertReport:
+    """The trained `exits` calibrated (scales, every policy's point, the trust), measured on the test split, and
+    written with the model card."""
+    timings = dict(timings or {})
+    started = time.perf_counter() - sum(timings.values())
+    out = Path(settings.out)
+
+    def lap(name: str) -> None:
+        timings[name] = time.perf_counter() - started - sum(timings.values())
+
+    # one half of the held-out reads fits the scales and chooses every point; the other certifies the trust
+    choose_docs, certify_docs = split_documents(exits.held.labels, 0.5, settings.data.seed)
+    scales = fit_scales(exits.held.select(choose_docs), settings.fuse)
+    choose, certify = (exits.held.select(docs).calibrated(scales) for docs in (choose_docs, certify_docs))
+    calibration = calibrate(choose, None, settings.tolerance, settings.confidence)
     meets = [n for n in calibration.chosen if calibration.meets_target(n)]
-    default = min(meets, key=lambda n: calibration.chosen[n].cost) if meets else "full"
+    default = min(meets, key=lambda n: calibration.chosen[n].cost) if meets else \
+        min(calibration.chosen, key=lambda n: (calibration.loss_bound[n], calibration.chosen[n].cost))
     chosen = calibration.chosen[default]
-    trust = calibrate_trust(stores["calibration"], heads, default, chosen.params, words["calibration"],
-                            chosen.lexical_threshold, settings.confidence)
-    test = {name: replay(stores["test"], heads, name, p.params, words["test"], p.lexical_threshold)
-            for name, p in calibration.chosen.items()}
-    without = {name: replay(stores["test"], heads, name, calibration.llm_only.get(name, p).params)
-               for name, p in calibration.chosen.items()}
-    trust_test = trust_on(stores["test"], heads, trust, chosen, words["test"])
-    layer_acc = {k: v.round(4).tolist() for k, v in layer_accuracies(stores["test"], heads).items()}
+    readings = {BEHIND_WORDS: chosen, ALONE: calibration.llm_only[default]} if chosen.behind_words else {ALONE: chosen}
+    trust = {reading: calibrate_trust(choose, certify, point, settings.confidence) for reading, point in readings.items()}
+    # the figures: on the test split, read by the shipped heads; without one, on the certifying half (cross-validated)
+    raw_test = exits.test if exits.test is not None else exits.held.select(certify_docs)
+    test = raw_test.calibrated(scales)
+    on_test = {name: rescore(test, p) for name, p in calibration.chosen.items()}
+    without = {name: rescore(test, p) for name, p in (calibration.llm_only or calibration.chosen).items()}
+    answers = {reading: measure(test, raw_test.words if point.behind_words else None, point, trust[reading])
+               for reading, point in readings.items()}
+    layer_acc = {k: v.round(4).tolist() for k, v in layer_accuracies(test).items()}
     lap("calibration")
-    tfidf = tfidf_logreg().fit(list(splits.train.texts), list(splits.train.labels))
-    tfidf_accuracy = float(np.mean(tfidf.predict(list(splits.test.texts)) == np.asarray(splits.test.labels)))
-    lexical_accuracy = None if lexical is None else float(np.mean(words["test"].argmax(1) == splits.test.labels))
+    tfidf_accuracy, lexical_accuracy = None, None
+    if exits.test is not None:
+        tfidf = tfidf_logreg().fit(*exits.training_texts)
+        tfidf_accuracy = float(np.mean(tfidf.predict(list(splits.test.texts)) == np.asarray(splits.test.labels)))
+        if exits.lexical is not None:
+            lexical_accuracy = float(np.mean(exits.test.words.argmax(1) == exits.test.labels))
     lap("baseline")
 
     bundle = Bundle(
         base=base,
-        labels=tuple(label_names),
+        labels=tuple(splits.train.label_names),
         task_prompt=prompt,
         splitter=splitter,
-        heads=heads,
+        heads=exits.heads,
+        scales=scales,
         policies={name: _plain(point.params) for name, point in calibration.chosen.items()},
         default_policy=default,
-        calibration=_plain({**calibration.to_json(), "data": asdict(settings.data), "trust": trust.to_json()}),
+        calibration=_plain({**calibration.to_json(), "data": asdict(settings.data),
+                            "trust_procedure": TRUST_PROCEDURE}),
         head_kind=settings.head.kind,
         head_hidden=settings.head.hidden if settings.head.kind == "mlp" else 0,
         lora=LoraRef(lora_path.name, sha256_file(lora_path)) if lora_path else None,
-        lexical=lexical,
-        lexical_thresholds={name: p.lexical_threshold for name, p in calibration.chosen.items()} if lexical else {},
+        lexical=exits.lexical,
+        lexical_thresholds={name: p.lexical_threshold for name, p in calibration.chosen.items()}
+        if exits.lexical is not None else {},
         llm_only_policies={name: _plain(p.params) for name, p in calibration.llm_only.items()},
-        trust=trust.trust,
+        trust={reading: Trust(t.policy, _plain(t.params), t.confidence, t.n_docs, t.tests)
+               for reading, t in trust.items()},
     )
     write_bundle(bundle, out)
-    report = ConvertReport(out, splits.describe(), calibration, test, without, len(splits.test), layer_acc,
-                           tfidf_accuracy, lexical_accuracy, trust, trust_test, timings, lora_report)
+    report = ConvertReport(out, splits.describe(), exits.describe(), len(choose_docs), len(certify_docs),
+                           calibration, on_test, without, test.n_docs, exits.test is None, layer_acc, tfidf_accuracy,
+                           lexical_accuracy, bundle.trust, answers, timings, lora_report)
     write_text(out / MODEL_CARD, model_card(settings, bundle, report))
     return report
 
 
-def trust_on(store: FeatureStore, heads, trust: TrustCalibration, chosen: Point,
-             lexical: np.ndarray | None) -> list[dict[str, Any]]:
-    """The default policy's abstention at each calibrated α, measured on `store` (the test split): coverage, and the
-    error among the answered documents with its 95% Wilson interval."""
-    floor = policy_class(trust.trust.policy).margin_floor
-    rows = []
-    for abstention in trust.abstention:
-        m = abstention.margin
-        params = {**chosen.params, floor: m} if floor is not None and m is not None else chosen.params
-        replayed = replay_documents(store, heads, trust.trust.policy, params).cascade(lexical, chosen.lexical_threshold)
-        answered = margin(replayed.probabilities) >= (m if m is not None else np.inf)
-        errors = int((replayed.probabilities[answered].argmax(1) != store.labels[answered]).sum())
-        n = int(answered.sum())
-        rows.append({"error_rate": abstention.error_rate, "margin": m, "coverage": n / store.n_docs,
-                     "error": errors / n if n else None,
-                     "error_interval": list(wilson_interval(errors, n)) if n else None,
-                     "cost": float(replayed.token_layers.sum() / (replayed.tokens.sum() * replayed.n_layer))})
-    return rows
+@dataclass
+class Exits:
+    """The trained exits and their reads of documents they were not trained on."""
+
+    heads: dict[str, ExitHeads]  # what the bundle ships
+    lexical: LexicalHead | None
+    held: HeldOut  # the non-test documents, each read by heads not trained on it (calibration's documents)
+    test: HeldOut | None  # the test split read by the shipped heads (None: no test split)
+    training_texts: tuple[list[str], list[int]]  # what the shipped heads were trained on, for the baselines
+    folds: int
+
+    def describe(self) -> str:
+        n = self.held.n_docs
+        if self.folds > 1:
+            return (f"cross-fitted: the heads and the lexical exit were trained {self.folds} times, each time on "
+                    f"{self.folds - 1} of {self.folds} folds of the {n} training and calibration documents, and every "
+                    "one of these documents was read by the heads that had not seen it (its out-of-fold read); the "
+                    "heads shipped were then trained on all of them")
+        return f"fixed splits: the heads were trained on the training split and read the {n} calibration documents"
+
+
+def fit_exits(settings: ConvertSettings, splits: Splits, stores: dict[str, FeatureStore]) -> Exits:
+    """Train the heads and the lexical exit, and read every non-test document by heads that did not see it: with
+    `settings.folds` > 1, K-fold cross-fitting over the training and calibration splits together (every label both
+    trains and calibrates; the shipped heads are refit on all of them: the fold heads, each on (K − 1)/K of the
+    documents, are what their out-of-fold reads measure, and the refit differs from them only by seeing the rest);
+    with 1, the heads trained on the training split read the calibration split."""
+    labels = splits.train.label_names
+    pooled = settings.folds > 1
+    if not pooled and "calibration" not in stores:
+        raise InputError("without cross-fitting (--folds 1) a calibration split is needed: give it a fraction")
+    parts = [part for part in (("train", "calibration") if pooled else ("train",)) if part in stores]
+    documents = sum((stores[part].select() for part in parts[1:]), stores[parts[0]].select())
+    texts = [t for part in parts for t in getattr(splits, part).texts]
+    targets = [y for part in parts for y in getattr(splits, part).labels]
+
+    def trained(docs: np.ndarray) -> tuple[dict[str, ExitHeads], LexicalHead | None]:
+        heads = {pooling: train_heads(documents.select(docs), labels, pooling, settings.head)[0]
+                 for pooling in Pooling.ALL}
+        lexical = fit_lexical([texts[i] for i in docs], [targets[i] for i in docs], len(labels),
+                              seed=settings.head.seed) if settings.lexical else None
+        return heads, lexical
+
+    def words(lexical: LexicalHead | None, part_texts: list[str]) -> np.ndarray | None:
+        return None if lexical is None else np.stack([lexical.proba(t) for t in part_texts])
+
+    everything = np.arange(documents.n_docs)
+    heads, lexical = trained(everything)
+    if pooled:
+        fold_of = fold_assignment(documents.labels, settings.folds, settings.data.seed)
+        folds = []
+        for k in range(settings.folds):
+            fold_heads, fold_lexical = trained(everything[fold_of != k])
+            held = everything[fold_of == k]
+            folds.append(Fold(documents.select(held), fold_heads, words(fold_lexical, [texts[i] for i in held])))
+        held_out = HeldOut(folds)
+    else:
+        held_out = HeldOut([Fold(stores["calibration"].select(), heads, words(lexical, splits.calibration.texts))])
+    test = HeldOut([Fold(stores["test"].select(), heads, words(lexical, splits.test.texts))]) \
+        if "test" in stores else None
+    return Exits(heads, lexical, held_out, test, (texts, targets), settings.folds)
+
+
+def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The fold of every document: each class dealt round-robin over the folds in a random order, so that every
+    fold holds each class's share."""
+    rng = np.random.default_rng(seed)
+    assignment = np.zeros(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        assignment[members] = np.arange(len(members)) % folds
+    return assignment
 
 
 def _finetune(settings: ConvertSettings, model_path: Path, prompt: str, splitter: Splitter, splits: Splits,
@@ -250,117 +329,6 @@ def _finetune(settings: ConvertSettings, model_path: Path, prompt: str, splitter
     return path, report
 
 
-def _describe_data(settings: ConvertSettings) -> str:
-    data = settings.data
-    size = f"{data.per_class} documents per class" if data.per_class is not None else "every document"
-    read = f"at most {settings.max_sentences} read per document" if settings.max_sentences else "all of them read"
-    return f"{data.data}; {size}, at least {data.min_sentences} sentences, {read}; seed {data.seed}"
-
-
 def _plain(value: Any) -> Any:
     """JSON-safe copy (numpy scalars become Python numbers)."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
-
-
-def model_card(settings: ConvertSettings, bundle: Bundle, report: ConvertReport) -> str:
-    base = bundle.base
-    calibration = report.calibration
-
-    def interval(accuracy: float) -> str:
-        return "–".join(f"{x:.3f}" for x in report.interval(accuracy))
-
-    rows = "\n".join(
-        f"| {name} | {p.accuracy:.3f} | {interval(p.accuracy)} | {report.test_without_lexical[name].accuracy:.3f} | "
-        f"{calibration.chosen[name].accuracy:.3f} | {calibration.loss_bound[name]:.3f} | {_speedup(p.cost)} | "
-        f"{_speedup(p.operations)} | {_threshold(p.lexical_threshold)} | {p.lexical_share:.1%} | "
-        f"{_figure(p.lexical_accuracy)} | `{json.dumps(p.params)}` |"
-        for name, p in report.test.items()
-    )
-    rows += f"\n| {TFIDF_NAME} ({TFIDF_ROW}) | {report.tfidf_accuracy:.3f} | {interval(report.tfidf_accuracy)} |" \
-            + " |" * 9
-    if report.lexical_accuracy is not None:
-        rows += f"\n| lexical head ({LEXICAL_ROW}) | {report.lexical_accuracy:.3f} | " \
-                f"{interval(report.lexical_accuracy)} |" + " |" * 9
-    llm_only = ""
-    if calibration.llm_only:
-        lines = "\n".join(
-            f"| {name} | {p.accuracy:.3f} | {interval(p.accuracy)} | {calibration.llm_only[name].accuracy:.3f} | "
-            f"{calibration.llm_only_loss_bound[name]:.3f} | {_speedup(p.cost)} | "
-            f"`{json.dumps(calibration.llm_only[name].params)}` |"
-            for name, p in report.test_without_lexical.items())
-        llm_only = f"""
-## Without the words (`--no-lexical`)
-
-Each policy reading every text, with the parameters calibrated for that by the same rule, held to the best single
-layer as a bundle without the words would be (behind the words a policy is calibrated on the documents they leave,
-and may read too little for the others).
-
-| policy | test accuracy | 95% interval | calibration accuracy | loss bound | token-layer speed-up | parameters |
-|---|---|---|---|---|---|---|
-{lines}
-"""
-    trust = ""
-    if report.trust is not None:
-        lines = "\n".join(
-            f"| {a.error_rate:.0%} | {_figure(a.margin)} | {a.coverage:.3f} | {_figure(a.error)} | "
-            f"{_figure(a.error_bound)} | {t['coverage']:.3f} | {_figure(t['error'])} | "
-            + ("–".join(f"{x:.3f}" for x in t["error_interval"]) if t["error_interval"] else "—") + " |"
-            for a, t in zip(report.trust.abstention, report.trust_test))
-        sets = ", ".join(f"{c:.0%}: 1 − p ≤ {_figure(q)}" for c, q in report.trust.trust.conformal.items())
-        trust = f"""
-## Unsure answers ({report.trust.trust.policy}, `--max-error α`)
-
-For each target error rate α, the margin (p_top1 − p_top2) below which the classifier answers "unsure": among the
-documents it answers, the error is at most α with {report.trust.confidence:.0%} confidence over the
-{report.trust.n_docs} calibration documents ({TRUST_BOUND}). Below the margin, the policy reads on instead of stopping.
-A margin of "—" means no margin keeps the promise on this calibration split: every answer is then "unsure".
-
-| α | margin | calibration coverage | calibration error | its upper bound | test coverage | test error | test 95% interval |
-|---|---|---|---|---|---|---|---|
-{lines}
-
-Prediction sets (`--coverage`, split conformal prediction on the calibration answers): {sets}.
-"""
-    return f"""# edge2dexit bundle
-
-- base model: {base.name or 'model.gguf in this directory'} ({base.architecture}, {base.n_layer} layers, n_embd {base.n_embd}, sha256 {base.sha256})
-- data: {_describe_data(settings)}
-- labels: {', '.join(bundle.labels)}
-- task prompt: {bundle.task_prompt!r}
-- sentence splitter: {bundle.splitter.kind} ({bundle.splitter.language})
-- heads: {bundle.head_kind} (hidden {bundle.head_hidden}) per layer, on sentence means and on prefix means
-- lexical exit: {'TF-IDF word 1–2-grams + logistic regression, ' + f'{len(bundle.lexical.vocabulary):,} n-grams' if bundle.lexical else 'none'}
-- default policy: {bundle.default_policy}
-- fine-tuning: {report.lora.describe() if report.lora else 'none (the base model is frozen; heads only)'}
-
-## Splits
-
-```
-{report.splits}
-```
-
-## Test split (each policy with its parameters calibrated on the calibration split)
-
-Speed-ups are against reading every token through every layer: token-layers as llama.cpp computes them
-(re-decodes included; a document the words alone answered costs none), operations as the paper counts them.
-Calibration {calibration.describe_target()}. "Loss bound" is how much accuracy, at most, each policy's point gives
-up against that reference on calibration ({calibration.confidence:.0%} one-sided; above {calibration.tolerance} means no point of
-the policy met the target and its most accurate point was kept). "Words at" is the lexical threshold: where the
-lexical head's top probability reaches it, the words alone answer ("—": never); "answered by the words" is the share
-of test documents they answered and "accuracy there" its accuracy. "Without the words" is the policy reading every
-text, with its parameters for that (`--no-lexical`, next table). The test interval is a 95% Wilson interval over {report.test_docs} documents.
-
-| policy | test accuracy | 95% interval | without the words | calibration accuracy | loss bound | token-layer speed-up | operation speed-up | words at | answered by the words | accuracy there | parameters |
-|---|---|---|---|---|---|---|---|---|---|---|---|
-{rows}
-{llm_only}{trust}
-Per-layer test accuracy, whole text (sentence head on the last sentence / prefix head on all sentences):
-
-```
-{json.dumps(report.test_layer_accuracy)}
-```
-"""
-
-
-def _threshold(value: float | None) -> str:
-    return "—" if value is None else f"{value:g}"

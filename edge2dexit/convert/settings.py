@@ -5,9 +5,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..keys import HEAD_LINEARS
+from ..sentences import Splitter
 from ..settings import EngineSettings
-from .data import DataSettings
+
+DEFAULT_FRACTIONS = (0.5, 0.25, 0.25)  # train / calibration / test
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Everything that reproduces a data set's splits; a bundle keeps it so that `eval` finds the untouched test
+    split again."""
+
+    data: str  # built-in set name (imdb, clothing, tweets) or a CSV / TSV / JSONL file
+    text_column: str = "text"
+    label_column: str = "label"
+    per_class: int | None = 300  # balanced subsample size per class (None: everything)
+    min_sentences: int = 0
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    seed: int = 0
+    splitter: str = "pysbd"
+    language: str = "en"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fractions", tuple(self.fractions))  # a list when read back from JSON
+
+    def make_splitter(self) -> Splitter:
+        return Splitter(self.splitter, self.language)
+
+
 
 # The task prompt read before every text, when `convert --prompt` names none: for the imdb set, and for any other.
 SENTIMENT_PROMPT = "Classify the sentiment of this movie review as positive or negative.\nReview:"
@@ -31,6 +56,8 @@ class TrainSettings:
     threads: int | None = None  # torch intra-op threads; None leaves torch's setting alone
 
     def __post_init__(self) -> None:
+        from ..keys import HEAD_LINEARS  # gguf-py, once settings are made, not when the CLI builds its options
+
         if self.kind not in HEAD_LINEARS:
             raise ValueError(f"unknown head kind {self.kind!r}; expected one of {', '.join(HEAD_LINEARS)}")
         if not 0 < self.validation_fraction < 1:
@@ -88,5 +115,16 @@ class ConvertSettings:
     reuse: tuple[Path, ...] = ()  # earlier feature stores whose documents are copied instead of read again
     finetune: LoraSettings | None = None  # None: heads only, the base model frozen (the paper's first mode)
     lexical: bool = True  # also train the lexical exit (lexical.py) and calibrate every policy behind it
+    # cross-fitting: the heads and the lexical exit are trained on K folds of the training and calibration documents
+    # together, and calibrated on the out-of-fold reads of all of them (1: the training split trains, the
+    # calibration split calibrates)
+    folds: int = 5
+    # behind the words, weigh their evidence into the LLM's answers (the γ of calibrated.py); off, they only decide
+    # which texts the LLM reads and how sure its answers may be
+    fuse: bool = True
+
+    def __post_init__(self) -> None:
+        if self.folds < 1:
+            raise ValueError(f"folds must be at least 1, got {self.folds}")
 
 

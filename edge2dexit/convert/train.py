@@ -28,36 +28,13 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..heads import ExitHead, ExitHeads, Pooling, running_means
-from .features import FeatureStore
+from ..heads import ExitHead, ExitHeads
+from .features import Documents
 from .settings import TrainSettings
 
 
-def inputs(
-    store: FeatureStore, pooling: str, layer: int, docs: Sequence[int] | np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The examples of one layer for the documents `docs`, in document then sentence order:
-    (X [n, n_embd] float32, y [n] labels, doc_index [n] store index of each example's document).
-
-    Both poolings give one example per sentence: for "prefix", the example at sentence k of a document is the
-    mean of that document's sentence means 0..k, the value the runtime's running sum divided by k + 1 gives.
-    """
-    if pooling not in Pooling.ALL:
-        raise InputError(f"unknown pooling {pooling!r}; expected one of {', '.join(Pooling.ALL)}")
-    docs = np.asarray(docs, dtype=np.int64)
-    starts, counts = store.offsets[docs], np.diff(store.offsets)[docs]
-    first = np.repeat(np.cumsum(counts) - counts, counts)  # position of each example's first sentence in X
-    within = np.arange(counts.sum()) - first  # sentence index inside its document
-    rows = np.repeat(starts, counts) + within
-    x = np.asarray(store.states[rows, layer], dtype=np.float32)
-    doc_index = np.repeat(docs, counts)
-    if pooling == Pooling.PREFIX:
-        x = running_means(x, first)
-    return x, store.labels[doc_index], doc_index
-
-
 def train_heads(
-    store: FeatureStore, label_names: Sequence[str], pooling: str, settings: TrainSettings = TrainSettings()
+    documents: Documents, label_names: Sequence[str], pooling: str, settings: TrainSettings = TrainSettings()
 ) -> tuple[ExitHeads, dict[int, dict[str, float | int]]]:
     """Train one head per layer and return them with a report: for each layer its number of training
     examples, validation accuracy over all examples and over each document's last example (the whole text for
@@ -65,28 +42,28 @@ def train_heads(
     `export_error`: the largest difference between the exported numpy head's and the torch model's
     validation probabilities."""
     n_classes = len(label_names)
-    labels = np.asarray(store.labels)
-    if store.done < store.n_docs:
-        raise InputError(f"{store.directory} holds features of {store.done} of {store.n_docs} documents; "
-                         "finish the extraction first")
+    labels = np.asarray(documents.labels)
+    for store, _ in documents.parts:
+        if store.done < store.n_docs:
+            raise InputError(f"{store.directory} holds features of {store.done} of {store.n_docs} documents; "
+                             "finish the extraction first")
     if labels.size == 0 or labels.min() < 0 or labels.max() >= n_classes:
-        raise InputError(f"{store.directory}: labels must be class indices in 0..{n_classes - 1} "
-                         f"({', '.join(label_names)})")
+        raise InputError(f"training labels must be class indices in 0..{n_classes - 1} ({', '.join(label_names)})")
     if len(np.unique(labels)) < 2:
-        raise InputError(f"{store.directory}: every document has the label {label_names[labels[0]]!r}; "
-                         "training needs at least two classes")
-    layers = range(store.n_layer) if settings.layers is None else settings.layers
-    if any(not 0 <= layer < store.n_layer for layer in layers):
-        raise InputError(f"exit layers must lie in 0..{store.n_layer - 1}, got {list(layers)}")
+        raise InputError(f"every training document has the label {label_names[labels[0]]!r}; training needs at "
+                         "least two classes")
+    layers = range(documents.n_layer) if settings.layers is None else settings.layers
+    if any(not 0 <= layer < documents.n_layer for layer in layers):
+        raise InputError(f"exit layers must lie in 0..{documents.n_layer - 1}, got {list(layers)}")
     train_docs, val_docs = split_documents(labels, settings.validation_fraction, settings.seed)
     if len(val_docs) == 0:
-        raise InputError(f"{store.directory}: {store.n_docs} documents are too few to set some aside for validation")
+        raise InputError(f"{documents.n_docs} training documents are too few to set some aside for validation")
 
     heads, report = {}, {}
     with torch_threads(settings.threads):
         for layer in layers:
-            heads[layer], report[layer] = _train_layer(store, pooling, layer, train_docs, val_docs, n_classes,
-                                                       settings)
+            heads[layer], report[layer] = _train_layer(documents.select(train_docs), documents.select(val_docs),
+                                                       pooling, layer, n_classes, settings)
     return ExitHeads(pooling, tuple(label_names), heads), report
 
 
@@ -136,13 +113,12 @@ def export_head(module: nn.Sequential, layer: int, kind: str, mean: np.ndarray, 
 
 
 def _train_layer(
-    store: FeatureStore, pooling: str, layer: int, train_docs: np.ndarray, val_docs: np.ndarray, n_classes: int,
-    settings: TrainSettings,
+    train: Documents, validation: Documents, pooling: str, layer: int, n_classes: int, settings: TrainSettings,
 ) -> tuple[ExitHead, dict[str, float | int]]:
-    x, y, _ = inputs(store, pooling, layer, train_docs)
-    x_val, y_val, doc_val = inputs(store, pooling, layer, val_docs)
+    x, y, _, _ = train.examples(pooling, layer)
+    x_val, y_val, doc_val, _ = validation.examples(pooling, layer)
     if not (np.isfinite(x).all() and np.isfinite(x_val).all()):
-        raise InputError(f"{store.directory}: layer {layer} holds non-finite states (float16 overflow?)")
+        raise InputError(f"layer {layer} holds non-finite states (float16 overflow?)")
     mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
     scale = (x.std(axis=0, dtype=np.float64) + 1e-6).astype(np.float32)
     # standardised exactly as ExitHead.proba does it, in float32, so the exported head matches the trained one

@@ -3,7 +3,8 @@
 Exit codes (documented in the README):
   0 success, 1 internal error (a bug: please report it), 2 usage error (a bad option or setting), 3 bad input text
   or data, 4 base model problem, 5 bundle problem, 6 text longer than the context, 7 the output cannot be written,
-  130 interrupted (Ctrl-C), 141 the reader of the output went away (`| head`).
+  75 the service is busy or stopping (try again), 130 interrupted (Ctrl-C), 141 the reader of the output went away
+  (`| head`).
 """
 
 
@@ -51,6 +52,12 @@ class OutputError(Edge2DExitError):
     """Results cannot be written where they were asked for: no such directory, no permission, disk full."""
 
     exit_code = 7
+
+
+class Unavailable(Edge2DExitError):
+    """The service is busy or stopping: come back later (HTTP 503 with Retry-After). sysexits' EX_TEMPFAIL."""
+
+    exit_code = 75
 
 
 class LlamaError(Edge2DExitError):

@@ -150,6 +150,11 @@ def test_metrics_count_requests_documents_errors_latency_and_the_queue(http):
     ("v1/classify", json.dumps({"text": "word " * 700}).encode(), 422, None, "ContextOverflowError", 6),
     ("predict", b'{"inputs": ["Great film.", ""]}', 422, "inputs[1]", "InputError", 3),
     ("predict", b'{}', 422, "inputs", "RequestError", 2),
+    ("predict", b'{"inputs": "Great film.", "raw_scores": true}', 422, "raw_scores", "RequestError", 2),
+    ("predict", b'{"inputs": "Great film.", "parameters": {"top_k": 1}}', 422, "parameters", "RequestError", 2),
+    ("predict", b'{"inputs": "Great film.", "truncate": "yes"}', 422, "truncate", "RequestError", 2),
+    ("v1/classify", b'{"text": "Great film.", "max_error": "low"}', 422, "max_error", "RequestError", 2),
+    ("v1/classify", b'{"text": "Great film.", "max_error": 0.0001}', 422, None, "SettingsError", 2),
 ])
 def test_bad_requests_get_one_clear_error(http, path, body, status, field, kind, exit_code):
     response = http.post(path, content=body, headers={"Content-Type": "application/json"})
@@ -159,9 +164,40 @@ def test_bad_requests_get_one_clear_error(http, path, body, status, field, kind,
     assert error["error"] and "Traceback" not in response.text
 
 
-def test_unknown_paths_and_methods_are_json_errors(http):
-    assert http.get("nothing").status_code == 404 and "error" in http.get("nothing").json()
-    assert http.get("v1/classify").status_code == 405
+def test_every_http_error_has_the_one_error_body(service, http):
+    """401, 404, 405, 413, 422 and a bad host: each one JSON object with error, kind and exit_code (503: below)."""
+    def body(response, status, kind):
+        assert response.status_code == status, response.text
+        error = response.json()
+        assert set(error) >= {"error", "kind", "exit_code"} and error["kind"] == kind and error["exit_code"] == 2
+        return error
+
+    body(http.get("nothing"), 404, "NotFound")
+    body(http.get("v1/classify"), 405, "MethodNotAllowed")
+    body(httpx.post(service.url + "v1/classify", json={"text": "Great film."}), 401, "Unauthorized")
+    body(http.get("health", headers={"Host": "attacker.test"}), 400, "BadHost")
+    body(http.post("v1/classify", content=b"x" * (MAX_BODY + 1)), 413, "RequestError")
+
+
+def test_the_bearer_scheme_is_read_in_any_case(service):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        response = httpx.post(service.url + "v1/classify", json={"text": "Great film."},
+                              headers={"Authorization": f"{scheme} {KEY}"}, timeout=120)
+        assert response.status_code == 200, scheme
+
+
+def test_predict_reads_truncate_as_text_embeddings_inference_does(http):
+    long = " ".join([REVIEW] * 12)  # beyond the context of 512
+    assert http.post("predict", json={"inputs": long}).json()["kind"] == "ContextOverflowError"
+    answer = http.post("predict", json={"inputs": long, "truncate": True}).json()
+    assert answer[0]["label"] in ("positive", "negative")
+    assert http.post("v1/classify", json={"text": long, "truncate": True}).json()["truncated"] is True
+
+
+def test_a_request_may_ask_for_its_own_promise(http):
+    """Per request, `max_error` and `coverage` as the library reads them: the answer says unsure or gives its set."""
+    result = http.post("v1/classify", json={"text": REVIEWS[2], "coverage": 0.9}).json()
+    assert result["prediction_set"] and result["label"] in result["prediction_set"]
 
 
 # --- safety ----------------------------------------------------------------------------------------------------
@@ -231,6 +267,32 @@ def test_a_stream_fed_the_whole_text_decides_as_classify(service, http):
         ws.recv()
         ws.send(json.dumps({"finish": True}))
         assert_same_decision(as_row(json.loads(ws.recv())["result"]), as_row(want))
+
+
+def test_a_binary_frame_and_an_unknown_query_parameter_are_refused_in_words(service):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with connect(ws_url(service), additional_headers=auth) as ws:
+        ws.send(b'{"text": "Great film."}')  # a binary frame
+        reply = json.loads(ws.recv())
+        assert reply["kind"] == "RequestError" and "binary" in reply["error"] and reply["exit_code"] == 2
+        ws.send(json.dumps({"text": "Great fun from start to end. "}))  # and the stream goes on
+        assert "sentences" in json.loads(ws.recv())
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(service, "?policy=prefix-mean&speed=max"), additional_headers=auth)
+    assert refused.value.response.status_code == 422 and b"speed" in refused.value.response.body
+
+
+def test_a_stream_longer_than_the_context_decides_on_what_fits_and_says_so(service):
+    """180 short sentences into a context of 512 (`full`, which decides only at the end): once one does not fit, the
+    stream decides on what it read, and its finish reports that, never 'nothing arrived'."""
+    with connect(ws_url(service, "?policy=full"), additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        for k in range(180):
+            ws.send(json.dumps({"text": f"The film runs {k} minutes. "}))
+            report = json.loads(ws.recv())
+            assert "error" not in report, report
+        ws.send(json.dumps({"finish": True}))
+        result = json.loads(ws.recv())["result"]
+    assert result["truncated"] and result["sentences_read"] == result["sentences_total"] > 10
 
 
 def test_stream_errors_are_replies_and_the_stream_goes_on(service):
@@ -311,9 +373,27 @@ def test_sigterm_under_load_answers_or_refuses_every_request():
         with pytest.raises(Exception):
             stream.recv(timeout=5)
         assert stream.close_code == 1012
+        assert "never retrieved" not in service.log.read_text(errors="replace")
     statuses = sorted(status for status, _ in results)
     assert set(statuses) == {200, 503} and len(statuses) == 6, results  # finished in flight, refused the rest
-    assert all(body["kind"] == "ShuttingDown" for status, body in results if status == 503)
+    assert all(body["kind"] == "ShuttingDown" and body["exit_code"] == 75 for status, body in results
+               if status == 503)
+
+
+def test_sigterm_during_a_list_answers_each_text_read_and_refuses_the_rest_in_place():
+    with running_service("--no-lexical", "--n-ctx", "512", "--width", "1", "--queue", "16") as service, \
+            httpx.Client(base_url=service.url, timeout=120) as http:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(http.post, "v1/classify", json={"texts": [LONG] * 6})
+            wait_until(lambda: metric(http, "edge2dexit_queue_waiting") >= 3)
+            service.process.send_signal(signal.SIGTERM)
+            response = pending.result()
+        service.process.wait(60)
+    assert response.status_code == 200, response.text
+    outcomes = response.json()
+    assert len(outcomes) == 6 and "label" in outcomes[0]
+    refused = [o for o in outcomes if "error" in o]
+    assert refused and all(o["kind"] == "ShuttingDown" and o["exit_code"] == 75 for o in refused)
 
 
 def test_serve_and_its_help_load_no_model_and_no_server_stack_until_they_run():

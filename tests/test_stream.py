@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from edge2dexit import Classifier, EngineSettings
 from edge2dexit.classifier import Result
-from helpers import (BATCHING_SCORE_TOLERANCE, EARLY, REVIEW, REVIEWS, TEXT, mixed_reviews, near_boundary)
+from helpers import (BATCHING_SCORE_TOLERANCE, EARLY, REVIEW, REVIEWS, TEXT, assert_same_decision, mixed_reviews,
+                     near_boundary)
 
 pytestmark = pytest.mark.llama
 
@@ -147,17 +148,19 @@ def test_a_paper2d_stream_counts_the_sentences_it_was_fed(classifier):
     assert early_exits >= 3  # texts where the two counts differ, so that the test can tell them apart
 
 
-# --- the words: asked at finish, of the whole text ------------------------------------------------------------------
+# --- the words: never the answer to a stream, but what they thought of it is said ----------------------------------
 
 
-def test_a_stream_asks_the_words_only_at_finish():
-    """The lexical exit is calibrated on whole texts: a stream never answers from the words of a prefix, and at
-    `finish` it answers as classify does (here `full`, which reads to the end, so feed never decides)."""
-    with Classifier(settings=EngineSettings(n_ctx=512), policy="full") as clf:
-        assert clf.bundle.lexical.proba(EARLY).max() >= clf.bundle.lexical_threshold("full")
-        want = clf.classify(EARLY)
-        assert want.lexical
+def test_a_stream_is_answered_by_the_llm_and_says_what_the_words_thought():
+    """The words judge whole texts: a stream is read by the LLM alone, at its parameters for that, and decides as
+    classify does without the words; at `finish` its Result also says what the words thought of the whole text."""
+    with Classifier(settings=EngineSettings(n_ctx=512), policy="layer") as clf:
+        assert clf.bundle.lexical_threshold("layer") is not None
+        want = clf.classify(EARLY, lexical=False)
         with clf.stream() as s:
-            assert all(s.feed(sentence) is None for sentence in re.findall(r"[^.]+\. ?", EARLY))
+            assert all(s.feed(sentence) is None for sentence in re.findall(r"[^.]+\. ?", EARLY))  # layer: at finish
             got = s.finish()
-    assert got.lexical and (got.label, got.scores, got.token_layers) == (want.label, want.scores, 0)
+    assert got.answered_by == "llm" and not got.lexical and got.token_layers > 0
+    assert_same_decision(got, want)
+    assert got.words is not None and set(got.words) == set(got.scores)
+    assert max(got.words, key=got.words.get) == "positive"

@@ -36,6 +36,9 @@ def serve(
     queue: int = typer.Option(_SERVE.queue, "--queue", min=1, help="Texts accepted and not yet answered; past it "
                                                                    "a request gets 503 with Retry-After."),
     max_body: int = typer.Option(_SERVE.max_body, "--max-body", min=1, help="Bytes of one request; past it: 413."),
+    truncate: bool = typer.Option(False, "--truncate", help="Read a text longer than the context as far as it fits "
+                                                            "instead of refusing it (a request may say \"truncate\"; "
+                                                            "a stream always reads what fits)."),
     n_ctx: int = N_CTX,
     width: Optional[int] = WIDTH,
     threads: Optional[int] = THREADS,
@@ -56,7 +59,7 @@ def serve(
         typer.echo(f"edge2dexit: warning: listening on {host} without --api-key: anyone who can reach this "
                    "machine can use the service", err=True)
     engine = engine_settings(n_ctx, width, threads, gpu_layers)
-    with open_classifier(bundle, model, policy, engine, settings, lexical) as clf:
+    with open_classifier(bundle, model, policy, engine, settings, lexical, truncate) as clf:
         run(clf, settings, ready=lambda url: typer.echo(
             f"edge2dexit: serving {url} (labels {', '.join(clf.labels)}, policy "
             f"{clf.policy_name}, width {clf.engine.settings.width - streams}, {streams} streams)", err=True))

@@ -2,32 +2,22 @@
 
 Endpoints (README "Embedding in an app"):
 - `POST /v1/classify` `{"text": …}` → the Result as JSON; `{"texts": [...]}` → one Result (or error record) per
-  text, in order; `"policy"` optional;
-- `POST /predict` `{"inputs": str | [str]}` → `[{"label", "score"}]` (or one such list per input), the shape of
-  text-embeddings-inference;
-- `WS /v1/stream?policy=…`: messages `{"text": piece}`, `{"finish": true}`, `{"reset": true}`, each answered by a
-  report (`streams.Session`): the decision the moment it is made, and what was read;
+  text, in order; `"policy"`, `"max_error"`, `"coverage"` and `"truncate"` optional, per request;
+- `POST /predict` `{"inputs": str | [str], "truncate": bool}` → `[{"label", "score"}]` (or one such list per input),
+  the shape of text-embeddings-inference (its `raw_scores`, `truncation_direction` and `parameters` are refused by
+  name);
+- `WS /v1/stream?policy=…&max_error=…&coverage=…`: messages `{"text": piece}`, `{"finish": true}`, `{"reset": true}`,
+  each answered by a report (`streams.Session`): the decision the moment it is made, and what was read;
 - `GET /health`, `GET /v1/bundle` (labels, policies, base model, model card), `GET /metrics` (Prometheus);
 - `GET /`: the page (`static/`), which shows where reading stopped as you type.
 
-Every text goes through the one engine thread (`worker.Worker`). Errors are one JSON object, never a traceback:
-`{"error": message, "kind": class name, "exit_code": n}` (+ `"field"` where a field is at fault): 413 for a body over
-`max_body`, 422 for a body or field the service cannot read (`RequestError`, exit code 2: usage) and for a text the
-library refuses (its message and exit code: 3 bad text, 6 too long for the context), 401 without the API key,
-503 with Retry-After when the queue is full or the service is stopping.
-
-Safe by default: the CLI binds to loopback, only loopback host names are accepted there (no DNS rebinding), CORS is
-off unless origins are named, a WebSocket from another origin is refused (browsers do not apply CORS to them),
-and with an API key every endpoint but the page and /health needs it.
+Every text goes through the one engine thread (`worker.Worker`). What stands before the endpoints (host check, API
+key, metering) is in `middleware`; what a request may hold, and the one error body of every refusal, in `requests`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hmac
-import json
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import urlsplit
@@ -36,37 +26,28 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..bundle import MODEL_CARD
 from ..classifier import Classifier, Result
 from ..errors import Edge2DExitError, SettingsError
+from ..reader import Answering
 from .metrics import CONTENT_TYPE, Metrics
+from .middleware import BearerKey, HostCheck, Metered
+from .requests import TEI_REFUSED, RequestError, error_body, error_response, promises, read_body, stream_step, \
+    string, strings
 from .settings import LOOPBACK, ServeSettings
 from .streams import Session
-from .worker import Overloaded, ShuttingDown, Worker
+from .worker import ShuttingDown, Worker
 
 STATIC = "static"
-PUBLIC_PATHS, PUBLIC_PREFIX = ("/", "/health"), "/static/"  # open without the API key
-ENDPOINTS = ("/", "/health", "/v1/bundle", "/v1/classify", "/predict", "/v1/stream", "/metrics")
 SUBPROTOCOL = "edge2dexit"  # what a browser's WebSocket asks for; the key may ride beside it as "bearer.<base64url>"
 CLIENT_GONE = 499  # the status recorded for a request whose client left before its answer (nginx's)
-
-
-class RequestError(Edge2DExitError):
-    """A request the service cannot read: its body, a field or a value (HTTP 422, or 413 for a body too large)."""
-
-    exit_code = 2
-
-    def __init__(self, message: str, field: str | None = None, status: int = 422):
-        super().__init__(message)
-        self.field, self.status = field, status
+STREAM_QUERY = ("policy", "max_error", "coverage")  # what a stream's URL may set
 
 
 def create_app(classifier: Classifier, settings: ServeSettings) -> Starlette:
@@ -74,14 +55,14 @@ def create_app(classifier: Classifier, settings: ServeSettings) -> Starlette:
     `server.open_classifier`). The app starts its engine thread when it starts and ends it when it stops; the
     classifier stays the caller's to close."""
     service = _Service(classifier, settings)
-    trusted = ["*"] if settings.host in ("0.0.0.0", "::", "") else sorted({LOOPBACK, "localhost", settings.host})
-    middleware = [Middleware(_Metered, metrics=service.metrics),
-                  Middleware(TrustedHostMiddleware, allowed_hosts=trusted)]
+    hosts = None if settings.host in ("0.0.0.0", "::", "") else tuple(sorted({LOOPBACK, "localhost", "::1",
+                                                                                 settings.host}))
+    middleware = [Middleware(Metered, metrics=service.metrics), Middleware(HostCheck, allowed=hosts)]
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
     if settings.api_key:
-        middleware.append(Middleware(_BearerKey, key=settings.api_key))
+        middleware.append(Middleware(BearerKey, key=settings.api_key))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -105,10 +86,8 @@ def create_app(classifier: Classifier, settings: ServeSettings) -> Starlette:
         middleware=middleware,
         exception_handlers={
             Edge2DExitError: service.error,
-            Overloaded: service.error,
-            ShuttingDown: service.error,
             _ClientGone: _client_gone,
-            HTTPException: _http_error,
+            HTTPException: service.http_error,
             Exception: _internal_error,
         },
         lifespan=lifespan,
@@ -126,8 +105,6 @@ class _Service:
                                 f"batch beside {settings.streams} streams")
         self.worker = Worker(classifier, width, max(settings.queue, width))
         self.metrics = Metrics(self.worker)
-
-    # --- endpoints ---------------------------------------------------------------------------------------------
 
     async def page(self, request: Request) -> Response:
         return FileResponse(_static_file("index.html"), headers={
@@ -154,25 +131,26 @@ class _Service:
         })
 
     async def classify(self, request: Request) -> Response:
-        body = await self._body(request, {"text", "texts", "policy"})
-        policy = self._policy(body.get("policy"))
+        body = await read_body(request, {"text", "texts", "policy", "max_error", "coverage", "truncate"},
+                               self.settings.max_body)
+        answering = self._answering(body.get("policy"), body)
         if ("text" in body) == ("texts" in body):
             raise RequestError('give "text" (one text) or "texts" (a list of texts)', field="text")
         if "text" in body:
-            (outcome,) = await self._classify(request, [_string(body["text"], "text")], policy)
+            (outcome,) = await self._classify(request, [string(body["text"], "text")], answering)
             if isinstance(outcome, Edge2DExitError):
                 raise outcome
             return JSONResponse(outcome.to_dict())
-        outcomes = await self._classify(request, self._strings(body["texts"], "texts"), policy)
-        return JSONResponse([o.to_dict() if isinstance(o, Result) else _error_body(o) for o in outcomes])
+        outcomes = await self._classify(request, strings(body["texts"], "texts", self.worker.queue), answering)
+        return JSONResponse([o.to_dict() if isinstance(o, Result) else error_body(o) for o in outcomes])
 
     async def predict(self, request: Request) -> Response:
-        body = await self._body(request, {"inputs"})
+        body = await read_body(request, {"inputs", "truncate"}, self.settings.max_body, refused=TEI_REFUSED)
         if "inputs" not in body:
             raise RequestError('give "inputs": a text or a list of texts', field="inputs")
         one = isinstance(body["inputs"], str)
-        texts = [body["inputs"]] if one else self._strings(body["inputs"], "inputs")
-        outcomes = await self._classify(request, texts, self.classifier.policy_name)
+        texts = [body["inputs"]] if one else strings(body["inputs"], "inputs", self.worker.queue)
+        outcomes = await self._classify(request, texts, self._answering(None, body))
         for k, outcome in enumerate(outcomes):
             if isinstance(outcome, Edge2DExitError):
                 outcome.field = "inputs" if one else f"inputs[{k}]"
@@ -189,32 +167,18 @@ class _Service:
             if not self._same_origin_or_allowed(websocket):
                 raise RequestError("a page from another origin may not open a stream (name it with --cors-origin)",
                                    status=403)
-            policy = self._policy(websocket.query_params.get("policy"))
+            query = self._stream_query(websocket)
             seq = self.worker.reserve_stream()
-        except (RequestError, Overloaded, ShuttingDown) as exc:
-            await websocket.send_denial_response(self._error_response(exc))
+        except Edge2DExitError as exc:
+            await websocket.send_denial_response(self._response(exc))
             return
         session: Session | None = None
         try:
-            session = await self._on_engine(lambda: Session(self.classifier, seq, policy))
+            session = await self._on_engine(lambda: Session(self.classifier, seq, **query))
             offered = websocket.scope.get("subprotocols", [])
             await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
             self.metrics.streams.inc()
-            decided = False  # the text under way was counted
-            while True:
-                message = await websocket.receive_text()
-                try:
-                    step = _stream_step(message)
-                    reply = await self._on_engine(lambda: step(session))
-                except Edge2DExitError as exc:
-                    if not isinstance(exc, RequestError):
-                        self.metrics.outcome(exc)
-                    reply = _error_body(exc)
-                result = session.stream.result
-                if result is not None and not decided:
-                    self.metrics.outcome(result)
-                decided = result is not None
-                await websocket.send_json(reply)
+            await self._converse(websocket, session)
         except WebSocketDisconnect:
             pass
         except ShuttingDown:
@@ -224,27 +188,78 @@ class _Service:
                 await self._on_engine(session.close, closing=True)
             self.worker.release_stream(seq)
 
+    async def _converse(self, websocket: WebSocket, session: Session) -> None:
+        """Answer each message of an open stream with one report; count each text's outcome once."""
+        decided = False  # the text under way was counted
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            try:
+                step = stream_step(message["text"] if message.get("text") is not None else message.get("bytes"))
+                reply = await self._on_engine(lambda: step(session))
+            except ShuttingDown:
+                raise
+            except Edge2DExitError as exc:
+                if not isinstance(exc, RequestError):
+                    self.metrics.outcome(exc)
+                reply = error_body(exc)
+            result = session.stream.result
+            if result is not None and not decided:
+                self.metrics.outcome(result)
+            decided = result is not None
+            await websocket.send_json(reply)
+
     # --- errors ------------------------------------------------------------------------------------------------
 
     async def error(self, request: Request, exc: Exception) -> Response:
-        return self._error_response(exc)
+        return self._response(exc)
 
-    def _error_response(self, exc: Exception) -> Response:
-        """503 with Retry-After for a full queue or a service that is stopping; 413 or 422 for a request it
-        cannot read (RequestError); 422 for a text the library refused (empty, binary, too long...)."""
-        if isinstance(exc, (Overloaded, ShuttingDown)):
-            return JSONResponse({"error": str(exc), "kind": type(exc).__name__}, status_code=503,
-                                headers={"Retry-After": str(self.settings.retry_after)})
-        assert isinstance(exc, Edge2DExitError)
-        return JSONResponse(_error_body(exc), status_code=exc.status if isinstance(exc, RequestError) else 422)
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        """Routing's refusals (404, 405) in the service's one error body."""
+        assert isinstance(exc, HTTPException)
+        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        return self._response(RequestError(f"{request.method} {request.url.path}: {exc.detail}",
+                                           status=exc.status_code, kind=kind))
+
+    def _response(self, exc: Edge2DExitError) -> Response:
+        return error_response(exc, self.settings.retry_after)
 
     # --- helpers -----------------------------------------------------------------------------------------------
 
-    async def _classify(self, request: Request, texts: list[str], policy: str) -> list[Result | Edge2DExitError]:
-        """Each text's outcome, once all are read; if the client leaves first, its texts are dropped (those in
-        flight after their current decode) and the request ends as CLIENT_GONE."""
-        futures = self.worker.classify(texts, policy)
-        answers = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    def _answering(self, policy: Any, values: dict[str, Any]) -> Answering:
+        """How the texts of a request are answered: its policy, what it asks to be promised, and truncation."""
+        if policy is not None and policy not in self.classifier.bundle.policies:
+            raise RequestError(f"unknown policy {policy!r}; this bundle has "
+                               f"{', '.join(self.classifier.bundle.policies)}", field="policy")
+        return self.classifier.reader.answering(policy, **promises(values))
+
+    def _stream_query(self, websocket: WebSocket) -> dict[str, Any]:
+        """A stream's policy and promises, from its URL; anything else there is refused."""
+        params = websocket.query_params
+        unknown = sorted(set(params) - set(STREAM_QUERY))
+        if unknown:
+            raise RequestError(f"unknown query parameter {unknown[0]!r}; a stream reads {', '.join(STREAM_QUERY)}",
+                               field=unknown[0])
+        values: dict[str, Any] = {}
+        for name in ("max_error", "coverage"):
+            if name in params:
+                try:
+                    values[name] = float(params[name])
+                except ValueError:
+                    raise RequestError(f"{name} must be a number in (0, 1), not {params[name]!r}",
+                                       field=name) from None
+        policy = params.get("policy")
+        answering = self._answering(policy, values)  # what the bundle cannot promise is refused here
+        return {"policy": answering.policy, "max_error": values.get("max_error"), "coverage": values.get("coverage")}
+
+    async def _classify(self, request: Request, texts: list[str],
+                        answering: Answering) -> list[Result | Edge2DExitError]:
+        """Each text's outcome, once all are read (a text the service could not start, it stopping, gets its
+        refusal in its place); if the client leaves first, its texts are dropped (those in flight after their
+        current decode) and the request ends as CLIENT_GONE."""
+        futures = self.worker.classify(texts, answering)
+        answers = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         gone = asyncio.ensure_future(_disconnected(request))
         await asyncio.wait({answers, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not answers.done():
@@ -256,6 +271,8 @@ class _Service:
         gone.cancel()
         outcomes = answers.result()
         for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Edge2DExitError):
+                raise outcome  # a bug
             self.metrics.outcome(outcome)
         return outcomes
 
@@ -267,45 +284,6 @@ class _Service:
             if not closing:
                 raise
 
-    async def _body(self, request: Request, fields: set[str]) -> dict[str, Any]:
-        """The JSON object in the body, at most `max_body` bytes, with no field but `fields`."""
-        limit = self.settings.max_body
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise _too_large(int(declared), limit)
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise _too_large(len(raw), limit)
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:  # RecursionError: nested past Python's stack
-            raise RequestError(f"the body is not JSON ({exc})", field="body") from None
-        if not isinstance(body, dict):
-            raise RequestError(f"the body must be a JSON object, not {_json_type(body)}", field="body")
-        unknown = sorted(set(body) - fields)
-        if unknown:
-            raise RequestError(f"unknown field {unknown[0]!r}; this endpoint reads {', '.join(sorted(fields))}",
-                               field=unknown[0])
-        return body
-
-    def _policy(self, name: Any) -> str:
-        if name is None:
-            return self.classifier.policy_name
-        if name not in self.classifier.bundle.policies:
-            raise RequestError(f"unknown policy {name!r}; this bundle has {', '.join(self.classifier.bundle.policies)}",
-                               field="policy")
-        return name
-
-    def _strings(self, value: Any, field: str) -> list[str]:
-        if not isinstance(value, list) or not value:
-            raise RequestError(f'"{field}" must be a non-empty list of texts, not {_json_type(value)}', field=field)
-        if len(value) > self.worker.queue:
-            raise RequestError(f'"{field}" holds {len(value)} texts; at most {self.worker.queue} in one request',
-                               field=field)
-        return [_string(text, f"{field}[{k}]") for k, text in enumerate(value)]
-
     def _same_origin_or_allowed(self, websocket: WebSocket) -> bool:
         origin = websocket.headers.get("origin")
         return (origin is None or origin in self.settings.cors_origins
@@ -316,55 +294,8 @@ class _ClientGone(Exception):
     """The client left before its answer."""
 
 
-def _stream_step(message: str) -> Callable[[Session], dict[str, Any]]:
-    """What one stream message asks of the session."""
-    try:
-        body = json.loads(message)
-    except (ValueError, RecursionError) as exc:
-        raise RequestError(f"a stream message must be JSON ({exc})", field="message") from None
-    if not isinstance(body, dict) or len(body) != 1 or not set(body) <= {"text", "finish", "reset"}:
-        raise RequestError('a stream message is {"text": piece}, {"finish": true} or {"reset": true}',
-                           field="message")
-    (name, value), = body.items()
-    if name == "text":
-        piece = _string(value, "text")
-        return lambda session: session.feed(piece)
-    if value is not True:
-        raise RequestError(f'"{name}" must be true', field=name)
-    return Session.finish if name == "finish" else Session.reset
-
-
-def _string(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise RequestError(f'"{field}" must be a string, not {_json_type(value)}', field=field)
-    return value
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _too_large(size: int, limit: int) -> RequestError:
-    return RequestError(f"the body is {size} bytes or more; at most {limit}", field="body", status=413)
-
-
-def _error_body(exc: Edge2DExitError) -> dict[str, Any]:
-    body = {"error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code}
-    if getattr(exc, "field", None) is not None:
-        body["field"] = exc.field
-    return body
-
-
 async def _client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_GONE)  # nobody reads it; the metrics count it
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return JSONResponse({"error": exc.detail, "kind": "HTTPException"}, status_code=exc.status_code,
-                        headers=exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -383,62 +314,3 @@ def _static_file(name: str) -> str:
     from importlib.resources import files
 
     return str(files("edge2dexit.serve") / STATIC / name)
-
-
-class _BearerKey:
-    """Every request but the public paths needs `Authorization: Bearer KEY`. A browser's WebSocket, which cannot
-    set headers, may offer the key as a subprotocol: `bearer.<KEY in base64url>`, beside "edge2dexit"."""
-
-    def __init__(self, app: ASGIApp, key: str):
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_PATHS
-                or scope["path"].startswith(PUBLIC_PREFIX) or self._allowed(scope)):
-            await self.app(scope, receive, send)
-            return
-        response = JSONResponse({"error": "this service needs its API key: Authorization: Bearer KEY",
-                                 "kind": "Unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        if scope["type"] == "http":
-            await response(scope, receive, send)
-        else:
-            await WebSocket(scope, receive, send).send_denial_response(response)
-
-    def _allowed(self, scope: Scope) -> bool:
-        keys = [value.removeprefix(b"Bearer ") for name, value in scope["headers"]
-                if name == b"authorization" and value.startswith(b"Bearer ")]
-        keys += [_unbase64(p.removeprefix("bearer.")) for p in scope.get("subprotocols", ()) if p.startswith("bearer.")]
-        return any(hmac.compare_digest(key, self.key) for key in keys)
-
-
-def _unbase64(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        return b""
-
-
-class _Metered:
-    """Counts every HTTP request by endpoint and status, and times it."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        status = 500
-
-        async def send_noting_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        with self.metrics.latency.labels(endpoint).time():
-            try:
-                await self.app(scope, receive, send_noting_status)
-            finally:
-                self.metrics.requests.labels(endpoint, str(status)).inc()

@@ -24,12 +24,12 @@ from .worker import Worker
 
 
 def open_classifier(bundle: str | Path | None, model: str | Path | None, policy: str | None, engine: EngineSettings,
-                    settings: ServeSettings, lexical: bool) -> Classifier:
+                    settings: ServeSettings, lexical: bool, truncate: bool = False) -> Classifier:
     """The service's classifier: `engine.width` sequences (the backend's default if None) for texts read together,
-    and `settings.streams` more, one per open stream; `lexical` as for `Classifier`."""
+    and `settings.streams` more, one per open stream; `lexical` and `truncate` as for `Classifier`."""
     width = engine.for_backend(gpu_offload()).width
     return Classifier(bundle, model=model, policy=policy, settings=replace(engine, width=width + settings.streams),
-                      lexical=lexical)
+                      lexical=lexical, truncate=truncate)
 
 
 def serve(classifier: Classifier, settings: ServeSettings, ready: Callable[[str], None] = lambda url: None) -> None:

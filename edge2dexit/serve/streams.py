@@ -1,6 +1,6 @@
 """One client's text as it arrives (`/v1/stream`), and what the page shows of it.
 
-A `Session` holds the library's `Stream` on a sequence of its own (`Classifier.stream_on`), which decides, and a
+A `Session` holds the library's `Stream` on a sequence of its own (`Reader.stream_on`), which decides, and a
 second sentence splitter over the same pieces, which the page reads: the Stream stops splitting once it has
 decided, and the page still shows the sentences it did not read. Both split the same pieces the same way
 (`sentences.Pieces`), so sentence k of the one is sentence k of the other.
@@ -21,8 +21,10 @@ from ..texts import check_characters
 
 
 class Session:
-    def __init__(self, classifier: Classifier, seq: int, policy: str):
-        self.classifier, self.seq, self.policy = classifier, seq, policy
+    def __init__(self, classifier: Classifier, seq: int, policy: str | None = None, max_error: float | None = None,
+                 coverage: float | None = None):
+        self.classifier, self.seq = classifier, seq
+        self.settings = {"policy": policy, "max_error": max_error, "coverage": coverage}
         self._begin()
 
     def feed(self, piece: str) -> dict[str, Any]:
@@ -66,7 +68,7 @@ class Session:
         }
 
     def _begin(self) -> None:
-        self.stream: Stream = self.classifier.stream_on(self.seq, self.policy)
+        self.stream: Stream = self.classifier.reader.stream_on(self.seq, **self.settings)
         self._pieces = self.classifier.bundle.splitter.pieces()
         self._sentences: list[str] = []
         self._tokens = 0

@@ -28,16 +28,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from ..classifier import Classifier, Result
+from ..reader import Answering
 from ..document import Document, Reading
 from ..engine import Finished
-from ..errors import Edge2DExitError
+from ..errors import Edge2DExitError, Unavailable
 
 
-class Overloaded(Exception):
+class Overloaded(Unavailable):
     """The queue is full, or every stream is taken: come back later (HTTP 503 with Retry-After)."""
 
 
-class ShuttingDown(Exception):
+class ShuttingDown(Unavailable):
     """The service is stopping: what has not started is refused (HTTP 503)."""
 
 
@@ -48,7 +49,7 @@ class Cancelled(Exception):
 @dataclass(eq=False)
 class _Text:
     text: str
-    policy: str
+    answering: Answering
     future: Future = field(default_factory=Future)  # cancelled by the client's side when it goes away
 
 
@@ -83,7 +84,7 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def classify(self, texts: Sequence[str], policy: str) -> list[Future]:
+    def classify(self, texts: Sequence[str], answering: Answering) -> list[Future]:
         """Queue `texts`; one future each, answered with its Result or its Edge2DExitError."""
         with self._mailbox:
             if self.refusing:
@@ -93,7 +94,7 @@ class Worker:
             if self.in_flight + len(self._waiting) + len(texts) > self.queue:
                 raise Overloaded(f"the service is busy ({self.in_flight + len(self._waiting)} texts in hand, at "
                                  f"most {self.queue})")
-            jobs = [_Text(text, policy) for text in texts]
+            jobs = [_Text(text, answering) for text in texts]
             self._waiting.extend(jobs)
             self._mailbox.notify()
         return [job.future for job in jobs]
@@ -126,8 +127,8 @@ class Worker:
         with self._mailbox:
             self.refusing = True
             refused, self._waiting = self._waiting, deque()
-        for job in refused:
-            _settle(job.future, exception=ShuttingDown("the service is shutting down"))
+        for job in refused:  # each text's outcome: a refusal in its place
+            _settle(job.future, result=ShuttingDown("the service is shutting down"))
 
     def stop(self) -> None:
         """Refuse what waits, let what is in flight finish, run the calls already made, and end the thread."""
@@ -186,7 +187,7 @@ class Worker:
         return None
 
     def _reading(self, job: _Text) -> Callable[[Document], Reading[Result]]:
-        read = self.classifier.job(job.text, job.policy)
+        read = self.classifier.reader.job(job.text, job.answering)
 
         def reading(doc: Document) -> Reading[Result]:
             return (yield from _until_cancelled(read(doc), job.future))

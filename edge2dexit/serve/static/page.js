@@ -82,12 +82,13 @@ function show(report) {
   const label = $("label");
   label.textContent = result ? result.label : report.sentences.length ? "reading…" : "—";
   label.className = result ? "label" : "label pending";
-  $("exit").textContent = !result ? "" : result.exit_layer < 0 ?  // the lexical exit, asked once the text is whole
-    "the words alone decided, once the text was finished — before any layer" :
-    `decided on sentence ${result.exit_sentence + 1}, at layer ${result.exit_layer + 1} of ${report.n_layer}` +
-    (result.early ? " — early exit" : " — after reading all of it");
+  $("exit").textContent = !result ? "" : describe(result, report.n_layer);
   $("scores").replaceChildren(...Object.entries(result ? result.scores : {}).map(([name, score]) =>
     element("div", "score", name, bar(score), `${(100 * score).toFixed(1)}%`)));
+  // each sentence the deciding head read, shaded by how far it pushed towards the answer (or away from it)
+  const weights = new Map((result && result.evidence ? result.evidence.sentences : [])
+    .map((s) => [s.index, s.contribution]));
+  const strongest = Math.max(1e-9, ...[...weights.values()].map(Math.abs));
   $("sentences").replaceChildren(...report.sentences.map((sentence, k) => {
     const state = sentence.read ? "read" : result ? "unread" : "waiting";
     const item = element("li", `sentence ${state}` + (result && k === result.exit_sentence ? " exit" : ""),
@@ -96,6 +97,14 @@ function show(report) {
                               bar(sentence.layers / report.n_layer))
                     : element("div", "depth", state === "unread" ? "not read" : "not read yet"));
     item.dataset.state = state;
+    if (weights.has(k)) {
+      const weight = weights.get(k);
+      item.dataset.weight = weight.toFixed(3);
+      item.style.setProperty("--weight", (Math.abs(weight) / strongest).toFixed(3));
+      item.classList.add(weight >= 0 ? "towards" : "against");
+      item.title = `${weight >= 0 ? "+" : ""}${weight.toFixed(2)} to the log-odds of ${result.evidence.label} ` +
+                   `over ${result.evidence.against}`;
+    }
     return item;
   }));
   const share = report.full_token_layers ? report.token_layers / report.full_token_layers : 0;
@@ -103,6 +112,16 @@ function show(report) {
     element("div", "score", "cost", bar(share), `${(100 * share).toFixed(0)}%`),
     `${report.token_layers} token-layers computed, against ${report.full_token_layers} for a full read of ` +
     `these sentences (every token through all ${report.n_layer} layers)`] : []));
+}
+
+function describe(result, nLayer) {
+  // who answered, how, and what the other one thought
+  const words = result.words ? Object.entries(result.words).sort((a, b) => b[1] - a[1])[0] : null;
+  const thought = words ? `; the words alone would say ${words[0]} (${(100 * words[1]).toFixed(0)}%)` : "";
+  if (result.answered_by === "words") return "the words alone decided, before any layer";
+  const where = `the LLM decided on sentence ${result.exit_sentence + 1}, at layer ${result.exit_layer + 1} of ` +
+    `${nLayer}` + (result.early ? " — early exit" : " — after reading all of it");
+  return result.answered_by === "llm+words" ? `${where}, with the words weighed in` : where + thought;
 }
 
 function element(tag, className, ...children) {

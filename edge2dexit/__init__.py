@@ -14,8 +14,9 @@ from .errors import BundleError, ContextOverflowError, Edge2DExitError, InputErr
 
 _LAZY = {
     "Classifier": "classifier",
-    "Result": "classifier",
-    "Stream": "classifier",
+    "Result": "reader",
+    "Evidence": "reader",
+    "Stream": "reader",
     "Engine": "engine",
     "EngineSettings": "settings",
     "train": "convert.estimator",
@@ -24,6 +25,11 @@ _LAZY = {
 
 __all__ = [*_LAZY, "Edge2DExitError", "InputError", "ModelError", "BundleError", "ContextOverflowError",
            "SettingsError", "OutputError"]
+
+
+def __dir__() -> list[str]:
+    """The public names (loaded or not), as `dir(edge2dexit)` and completion should show them."""
+    return sorted(__all__)
 
 
 def __getattr__(name: str) -> Any:

@@ -29,10 +29,6 @@ from .errors import ContextOverflowError
 T = TypeVar("T")
 Tokens = Sequence[int]
 
-# llama.cpp's CPU flash attention takes a tiled path only for decodes of at least 64 tokens; smaller decodes are
-# computed row by row, 1.7–2.8× slower per token once a few hundred tokens are cached (docs/llama-cpp.md §9).
-# Policies that read sentence by sentence read ahead until one decode holds this many tokens.
-MIN_DECODE_TOKENS = 64
 
 # stop(layer, means): called as each read layer of a decode is computed, with the mean state of each sentence of that
 # decode at that layer ([n_sentences, n_embd]); returning True ends the decode after that layer.
@@ -260,9 +256,10 @@ class Replay:
         block = self.states[request.first_index : request.first_index + len(request.sentences)]
         reached = request.depth
         if request.stop is not None:
-            reached = next((layer + 1 for layer in request.layers if request.stop(layer, block[:, layer])), reached)
+            reached = next((layer + 1 for layer in request.layers
+                            if request.stop(layer, np.asarray(block[:, layer], dtype=np.float32))), reached)
         read = [layer for layer in request.layers if layer < reached]
-        return Computed(reached, reached, block[:, read])
+        return Computed(reached, reached, np.asarray(block[:, read], dtype=np.float32))
 
 
 def replay(

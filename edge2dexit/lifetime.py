@@ -13,11 +13,15 @@ class Owner:
 
     def __init__(self) -> None:
         self._resources = ExitStack()
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
         self._resources.close()
 
     def __enter__(self):
+        if self.closed:  # closed means closed: `with` on it would use what was freed
+            raise RuntimeError(f"this {type(self).__name__} is closed")
         return self
 
     def __exit__(self, *exc) -> None:

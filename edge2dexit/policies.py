@@ -44,20 +44,22 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .calibrated import Basis, CalibratedHeads
 from .document import Document, Reading, SentenceMeans, Tokens
 from .errors import BundleError
-from .heads import ExitHeads, Pooling, margin, whole_text_input
+from .heads import Pooling, margin, whole_text_input
 
 
 
 @dataclass(frozen=True)
 class Decision:
-    probabilities: np.ndarray  # [n_classes]
+    probabilities: np.ndarray  # [n_classes], calibrated (calibrated.py)
     exit_sentence: int  # index of the last sentence whose evidence decided
     exit_layer: int  # layer of the head that decided
     sentences_read: int
     fired: bool  # an exit rule fired (False: the text ran out and the fallback answered)
     boundary_gap: float  # the closest a compared quantity came to its threshold (see the module docstring)
+    basis: Basis | None = None  # what the deciding head read (None: no head of the LLM answered)
 
     @property
     def label_index(self) -> int:
@@ -72,7 +74,8 @@ def _tie_gap(p: np.ndarray) -> float:
 class Accumulator:
     """The paper's rule: a cell whose margin exceeds τ_ignore adds that margin to its predicted class;
     the first class whose total exceeds τ_acc wins. Ties in a cell go to the lower class index (argmax).
-    `gap` is the closest any cell's margin came to τ_ignore, or a counted total to τ_acc."""
+    `gap` is the closest any cell's margin came to τ_ignore, or a counted total to τ_acc. The answer is the cell
+    that made its class win (its calibrated probabilities, whose top class is the winner)."""
 
     def __init__(self, n_classes: int, tau_ignore: float, tau_acc: float):
         self.totals = np.zeros(n_classes)
@@ -88,20 +91,18 @@ class Accumulator:
             label = int(np.argmax(probabilities))
             self.totals[label] += confidence
             self.gap = min(self.gap, abs(self.totals[label] - self.tau_acc))
-            if self.totals[label] > self.tau_acc:
+            if self.winner is None and self.totals[label] > self.tau_acc:
                 self.winner = label
         return self.winner is not None
 
-    def decision(self, sentence: int, layer: int, read: int) -> Decision:
-        """The winning class gets its share of the accumulated confidence."""
-        total = self.totals.sum()
-        scores = self.totals / total if total > 0 else np.eye(len(self.totals))[self.winner]
-        return Decision(scores, sentence, layer, read, fired=True, boundary_gap=self.gap)
+    def decision(self, cell: np.ndarray, sentence: int, layer: int, read: int, basis: Basis) -> Decision:
+        """The decision of the winning cell `cell` (its probabilities)."""
+        return Decision(cell, sentence, layer, read, fired=True, boundary_gap=self.gap, basis=basis)
 
-    def fallback(self, probabilities: np.ndarray, sentence: int, layer: int, read: int) -> Decision:
-        """No class won before the text ended: `probabilities` (the last cell's) answer."""
-        gap = min(self.gap, _tie_gap(probabilities))
-        return Decision(probabilities, sentence, layer, read, fired=False, boundary_gap=gap)
+    def fallback(self, cell: np.ndarray, sentence: int, layer: int, read: int, basis: Basis) -> Decision:
+        """No class won before the text ended: the last cell `cell` answers."""
+        gap = min(self.gap, _tie_gap(cell))
+        return Decision(cell, sentence, layer, read, fired=False, boundary_gap=gap, basis=basis)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def policy_class(name: str) -> type["Policy"]:
         raise BundleError(f"unknown policy {name!r}; choose one of {', '.join(_REGISTRY)}") from None
 
 
-def make_policy(name: str, heads: Mapping[str, ExitHeads], n_layer: int, params: Mapping[str, Any]) -> "Policy":
+def make_policy(name: str, heads: Mapping[str, CalibratedHeads], n_layer: int, params: Mapping[str, Any]) -> "Policy":
     """The policy `name` with its calibrated parameters (from the bundle, or given by the user)."""
     policy = policy_class(name)
     missing = [pooling for pooling in policy.reads(params) if pooling not in heads]
@@ -164,12 +165,17 @@ def calibration_grid(name: str, n_layer: int, layers: Mapping[str, Sequence[int]
 
 class Policy:
     """Reads a tokenized document through `doc` and decides. A subclass sets `name` and `pooling` (the heads it
-    reads), takes (heads by pooling, n_layer, **parameters) and says which parameter settings calibration tries."""
+    reads), takes (heads by pooling, n_layer, **parameters) and says which parameter settings calibration tries.
+
+    `words`: the lexical head's calibrated probabilities of the whole text, where the text is read behind the words
+    (the heads then read it with their fused scale, calibrated.py); None where it is read alone."""
 
     name: ClassVar[str]
     pooling: ClassVar[str] = Pooling.SENTENCE
     # the parameter that keeps the policy from stopping below a margin, if it stops on one (abstention reads on)
     margin_floor: ClassVar[str | None] = None
+    # the policy is a reference every speed-up is measured against: the LLM reads every text, never the words first
+    reads_alone: ClassVar[bool] = False
 
     @classmethod
     def reads(cls, params: Mapping[str, Any]) -> tuple[str, ...]:
@@ -181,12 +187,13 @@ class Policy:
         """Parameter settings to replay in calibration; `layers`: the layers each pooling has heads at."""
         raise NotImplementedError
 
-    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
+    def read(self, doc: Document, sentences: Iterable[Tokens], words: np.ndarray | None = None) -> Reading[Decision]:
         """Read `sentences` (pulled only as far as needed) and decide."""
         raise NotImplementedError
 
     def stream(self, doc: Document) -> "PolicyStream":
-        """Sentences fed one at a time. Policies that need the whole text decide at `finish()`."""
+        """Sentences fed one at a time, read alone (a stream's words are not known before its end). Policies that
+        need the whole text decide at `finish()`."""
         return _BufferedStream(self, doc)
 
 
@@ -218,8 +225,8 @@ class _IncrementalPolicy(Policy):
     layer: int
     min_sentences: int = 1  # no decision before this many sentences
 
-    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
-        stream = self.stream(doc)
+    def read(self, doc: Document, sentences: Iterable[Tokens], words: np.ndarray | None = None) -> Reading[Decision]:
+        stream = self._stream(doc, words)
         for sentence in sentences:  # the whole text is at hand (pulled lazily: a tail never read is never split)
             decision = yield from stream.feed(sentence, more=True)
             if decision is not None:
@@ -227,6 +234,9 @@ class _IncrementalPolicy(Policy):
         return (yield from stream.finish())
 
     def stream(self, doc: Document) -> "_SentenceStream":
+        return self._stream(doc, None)
+
+    def _stream(self, doc: Document, words: np.ndarray | None) -> "_SentenceStream":
         raise NotImplementedError
 
 
@@ -236,8 +246,8 @@ class _SentenceStream(PolicyStream):
     `doc.min_decode_tokens` of them: a decision may then come at a sentence whose decode also carried later ones,
     which were paid for and count as read."""
 
-    def __init__(self, policy: _IncrementalPolicy, doc: Document):
-        self.policy, self.doc = policy, doc
+    def __init__(self, policy: _IncrementalPolicy, doc: Document, words: np.ndarray | None):
+        self.policy, self.doc, self.words = policy, doc, words
         self.pending: list[Tokens] = []
 
     def feed(self, sentence: Tokens, more: bool = False) -> Reading[Decision | None]:
@@ -275,8 +285,9 @@ class _SentenceStream(PolicyStream):
 @register
 class Full(Policy):
     name = "full"
+    reads_alone = True
 
-    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int):
+    def __init__(self, heads: Mapping[str, CalibratedHeads], n_layer: int):
         self.heads, self.layer = heads[self.pooling], n_layer - 1
         self.heads.head(self.layer)  # fail at construction if the bundle has no head there
 
@@ -284,18 +295,21 @@ class Full(Policy):
     def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
         return [{}]
 
-    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
+    def read(self, doc: Document, sentences: Iterable[Tokens], words: np.ndarray | None = None) -> Reading[Decision]:
         sentences = list(sentences)
         states = yield from doc.append(sentences, self.layer + 1, layers=[self.layer])
-        p = self.heads.proba(self.layer, states[-1].at(self.layer))
-        return Decision(p, len(sentences) - 1, self.layer, len(sentences), fired=False, boundary_gap=_tie_gap(p))
+        last, n = states[-1].at(self.layer), len(sentences)
+        p = self.heads.proba(self.layer, last, n, words)
+        return Decision(p, n - 1, self.layer, n, fired=False, boundary_gap=_tie_gap(p),
+                        basis=self.heads.basis(self.layer, n, words, [n - 1], [last]))
 
 
 @register
 class Layer(Policy):
     name = "layer"
 
-    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int, layer: int, pooling: str = Pooling.SENTENCE):
+    def __init__(self, heads: Mapping[str, CalibratedHeads], n_layer: int, layer: int,
+                 pooling: str = Pooling.SENTENCE):
         self.heads, self.layer, self.pooling = heads[pooling], layer, pooling
         self.heads.head(layer)
 
@@ -307,12 +321,14 @@ class Layer(Policy):
     def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
         return [{"layer": layer, "pooling": pooling} for pooling in Pooling.ALL for layer in layers.get(pooling, ())]
 
-    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
+    def read(self, doc: Document, sentences: Iterable[Tokens], words: np.ndarray | None = None) -> Reading[Decision]:
         sentences = list(sentences)
         states = yield from doc.append(sentences, self.layer + 1, layers=[self.layer])
-        text = whole_text_input(self.pooling, np.stack([s.at(self.layer) for s in states]))
-        p = self.heads.proba(self.layer, text)
-        return Decision(p, len(sentences) - 1, self.layer, len(sentences), fired=True, boundary_gap=_tie_gap(p))
+        means, n = [s.at(self.layer) for s in states], len(sentences)
+        p = self.heads.proba(self.layer, whole_text_input(self.pooling, np.stack(means)), n, words)
+        read = range(n) if self.pooling == Pooling.PREFIX else [n - 1]
+        return Decision(p, n - 1, self.layer, n, fired=True, boundary_gap=_tie_gap(p),
+                        basis=self.heads.basis(self.layer, n, words, read, [means[i] for i in read]))
 
 
 # The paper's accumulation rule, as sentence-vote and paper2d calibrate it.
@@ -324,7 +340,7 @@ VOTE_GRID: Grid = [{"tau_ignore": ti, "tau_acc": ta}
 class SentenceVote(_IncrementalPolicy):
     name = "sentence-vote"
 
-    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int, tau_ignore: float, tau_acc: float):
+    def __init__(self, heads: Mapping[str, CalibratedHeads], n_layer: int, tau_ignore: float, tau_acc: float):
         self.heads, self.layer, self.tau_ignore, self.tau_acc = heads[self.pooling], n_layer - 1, tau_ignore, tau_acc
         self.heads.head(self.layer)
 
@@ -332,33 +348,37 @@ class SentenceVote(_IncrementalPolicy):
     def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
         return VOTE_GRID
 
-    def stream(self, doc: Document) -> _SentenceStream:
-        return _SentenceVoteStream(self, doc)
+    def _stream(self, doc: Document, words: np.ndarray | None) -> _SentenceStream:
+        return _SentenceVoteStream(self, doc, words)
 
 
 class _SentenceVoteStream(_SentenceStream):
-    def __init__(self, policy: SentenceVote, doc: Document):
-        super().__init__(policy, doc)
+    def __init__(self, policy: SentenceVote, doc: Document, words: np.ndarray | None):
+        super().__init__(policy, doc, words)
         self.votes = Accumulator(policy.heads.n_classes, policy.tau_ignore, policy.tau_acc)
-        self.last: np.ndarray | None = None
+        self.last: tuple[np.ndarray, Basis] | None = None  # the last cell: its probabilities and its basis
 
     def weigh(self, sentence: SentenceMeans) -> Decision | None:
-        layer = self.policy.layer
-        self.last = self.policy.heads.proba(layer, sentence.at(layer))
-        if self.votes.add(self.last):
-            return self.votes.decision(sentence.index, layer, self.doc.n_sentences)
+        layer, read = self.policy.layer, sentence.index + 1
+        state = sentence.at(layer)
+        self.last = (self.policy.heads.proba(layer, state, read, self.words),
+                     self.policy.heads.basis(layer, read, self.words, [sentence.index], [state]))
+        p, basis = self.last
+        if self.votes.add(p):
+            return self.votes.decision(p, sentence.index, layer, self.doc.n_sentences, basis)
         return None
 
     def fallback(self) -> Decision:
         n = self.doc.n_sentences
-        return self.votes.fallback(self.last, n - 1, self.policy.layer, n)
+        p, basis = self.last
+        return self.votes.fallback(p, n - 1, self.policy.layer, n, basis)
 
 
 @register
 class Paper2D(Policy):
     name = "paper2d"
 
-    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int, tau_ignore: float, tau_acc: float):
+    def __init__(self, heads: Mapping[str, CalibratedHeads], n_layer: int, tau_ignore: float, tau_acc: float):
         self.heads, self.n_layer = heads[self.pooling], n_layer
         self.tau_ignore, self.tau_acc = tau_ignore, tau_acc
         self.heads.head(n_layer - 1)
@@ -367,30 +387,48 @@ class Paper2D(Policy):
     def grid(cls, n_layer: int, layers: Mapping[str, Sequence[int]]) -> Grid:
         return VOTE_GRID
 
-    def read(self, doc: Document, sentences: Iterable[Tokens]) -> Reading[Decision]:
+    def read(self, doc: Document, sentences: Iterable[Tokens], words: np.ndarray | None = None) -> Reading[Decision]:
         sentences = list(sentences)
         votes = Accumulator(self.heads.n_classes, self.tau_ignore, self.tau_acc)
-        fired: list[int] = []  # the layer of the cell that won; its decode stops right there
+        fired: list[tuple[int, np.ndarray, Basis]] = []  # the cell that won: its decode stops right there
+        cell = [0]  # the sentence whose decode the next stop-rule calls belong to (one sentence per decode)
 
         def classify(layer: int, means: np.ndarray) -> bool:
-            if layer in self.heads.layers and votes.add(self.heads.proba(layer, means[0])):
-                fired.append(layer)
+            if layer in self.heads.layers:
+                read = cell[0] + 1
+                p = self.heads.proba(layer, means[0], read, words)
+                if votes.add(p):
+                    fired.append((layer, p, self.heads.basis(layer, read, words, [cell[0]], [means[0]])))
             return bool(fired)
+
+        def decided(sentence: int) -> Decision:
+            layer, p, basis = fired[0]
+            return votes.decision(p, sentence, layer, doc.n_sentences, basis)
 
         last: SentenceMeans | None = None
         for step in paper2d_steps(len(sentences), self.n_layer):
             earlier = range(step.earlier_from, step.depth)
             if step.sentence and len(earlier):
-                while (states := (yield from doc.deepen_next(step.depth, earlier, classify))) is not None:
+                while (stale := _first_below(doc, step.depth)) is not None:
+                    cell[0] = stale
+                    states = yield from doc.deepen_next(step.depth, earlier, classify)
                     if fired:
-                        return votes.decision(states.index, fired[0], doc.n_sentences)
+                        return decided(states.index)
+            cell[0] = step.sentence
             (last,) = yield from doc.append([sentences[step.sentence]], step.depth, stop=classify)
             if fired:
-                return votes.decision(step.sentence, fired[0], doc.n_sentences)
-        top = self.n_layer - 1
+                return decided(step.sentence)
+        top, n = self.n_layer - 1, len(sentences)
         if last.depth < self.n_layer:  # the fallback needs the last sentence at the last layer
             last = (yield from doc.deepen(self.n_layer, layers=[top]))[-1]
-        return votes.fallback(self.heads.proba(top, last.at(top)), len(sentences) - 1, top, len(sentences))
+        state = last.at(top)
+        return votes.fallback(self.heads.proba(top, state, n, words), n - 1, top, n,
+                              self.heads.basis(top, n, words, [n - 1], [state]))
+
+
+def _first_below(doc: Document, depth: int) -> int | None:
+    """The first sentence of `doc` whose KV is valid below `depth` (the next one `deepen_next` re-decodes)."""
+    return next((i for i, valid in enumerate(doc.valid_depths) if valid < depth), None)
 
 
 PREFIX_MEAN_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -403,7 +441,7 @@ class PrefixMean(_IncrementalPolicy):
     pooling = Pooling.PREFIX
     margin_floor = "min_margin"
 
-    def __init__(self, heads: Mapping[str, ExitHeads], n_layer: int, layer: int, threshold: float,
+    def __init__(self, heads: Mapping[str, CalibratedHeads], n_layer: int, layer: int, threshold: float,
                  min_sentences: int = 1, min_margin: float = 0.0):
         """`min_margin`: never stop on a margin below it (an abstention margin: reading on may make the answer
         sure enough), whatever `threshold` says."""
@@ -419,32 +457,39 @@ class PrefixMean(_IncrementalPolicy):
                 for layer in layers.get(cls.pooling, ()) for t in PREFIX_MEAN_THRESHOLDS
                 for k in PREFIX_MEAN_MIN_SENTENCES]
 
-    def stream(self, doc: Document) -> _SentenceStream:
-        return _PrefixMeanStream(self, doc)
+    def _stream(self, doc: Document, words: np.ndarray | None) -> _SentenceStream:
+        return _PrefixMeanStream(self, doc, words)
 
 
 class _PrefixMeanStream(_SentenceStream):
-    def __init__(self, policy: PrefixMean, doc: Document):
-        super().__init__(policy, doc)
+    def __init__(self, policy: PrefixMean, doc: Document, words: np.ndarray | None):
+        super().__init__(policy, doc, words)
         self.total = np.zeros(policy.heads.n_embd, dtype=np.float64)
+        self.states: list[np.ndarray] = []  # each sentence's mean state at the layer, for the answer's basis
         self.p: np.ndarray | None = None
         self.gap = float("inf")
 
     def weigh(self, sentence: SentenceMeans) -> Decision | None:
         policy = self.policy
-        self.total += sentence.at(policy.layer)  # one sentence at a time, as `heads.running_means` sums them
+        state = sentence.at(policy.layer)
+        self.states.append(state)
+        self.total += state  # one sentence at a time, as `heads.running_means` sums them
         n = sentence.index + 1
-        self.p = policy.heads.proba(policy.layer, (self.total / n).astype(np.float32))
+        self.p = policy.heads.proba(policy.layer, (self.total / n).astype(np.float32), n, self.words)
         if n < policy.min_sentences:
             return None
         confidence = float(margin(self.p))
         self.gap = min(self.gap, abs(confidence - policy.threshold))
         if confidence >= policy.threshold:
             return Decision(self.p, sentence.index, policy.layer, self.doc.n_sentences, fired=True,
-                            boundary_gap=min(self.gap, confidence))
+                            boundary_gap=min(self.gap, confidence), basis=self._basis())
         return None
 
     def fallback(self) -> Decision:
         n = self.doc.n_sentences
         return Decision(self.p, n - 1, self.policy.layer, n, fired=False,
-                        boundary_gap=min(self.gap, _tie_gap(self.p)))
+                        boundary_gap=min(self.gap, _tie_gap(self.p)), basis=self._basis())
+
+    def _basis(self) -> Basis:
+        n = len(self.states)
+        return self.policy.heads.basis(self.policy.layer, n, self.words, range(n), self.states)

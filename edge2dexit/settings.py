@@ -17,8 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .document import MIN_DECODE_TOKENS
 from .errors import SettingsError
+
+# llama.cpp's CPU flash attention takes a tiled path only for decodes of at least 64 tokens; smaller decodes are
+# computed row by row, 1.7–2.8× slower per token once a few hundred tokens are cached (docs/llama-cpp.md §9).
+# Policies that read sentence by sentence read ahead until one decode holds this many tokens. (Here, not in
+# document.py, so that these settings load without numpy: `from edge2dexit import EngineSettings` comes first.)
+MIN_DECODE_TOKENS = 64
 
 GPU_WIDTH = 32
 EVERY_LAYER = 1 << 30  # llama.cpp offloads min(n_gpu_layers, layers + 1)

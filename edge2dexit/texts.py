@@ -3,6 +3,8 @@ and an empty text is refused. One message per problem, naming what was refused."
 
 from __future__ import annotations
 
+import unicodedata
+
 from .errors import InputError
 from .sentences import normalise
 
@@ -49,3 +51,13 @@ def decode_text(raw: bytes, source: str = "the text") -> str:
     except UnicodeDecodeError as exc:
         raise InputError(f"{source} is not UTF-8 text (byte {exc.start})") from None
     return check_text(text, source)
+
+
+def label_problem(label: str) -> str | None:
+    """Why `label` cannot name a class, or None: blank (nothing but white space), or holding control characters,
+    which a terminal obeys when the label is printed."""
+    if not label.strip():
+        return "is blank"
+    if any(unicodedata.category(c) == "Cc" for c in label):
+        return "holds control characters (which a terminal obeys)"
+    return None

@@ -260,14 +260,14 @@ def test_classify_odd_but_valid_text(classifier, text):
 def test_classify_100000_sentences_reads_only_what_fits(classifier, monkeypatch):
     """Splitting and tokenizing stop where reading stops: without truncation the text is refused as soon as it
     overflows the context, with it only the sentences that fit are read."""
-    monkeypatch.setattr(classifier, "lexical", False)  # the words would answer without reading a sentence
+    monkeypatch.setattr(classifier.reader, "lexical", False)  # the words would answer without reading a sentence
     text = "".join(f"Sentence {i} was fine. " for i in range(100_000))
     tokenized = []
     tokenize = classifier.engine.tokenize
     monkeypatch.setattr(classifier.engine, "tokenize", lambda s: tokenized.append(s) or tokenize(s))
     started = time.perf_counter()
     assert isinstance(outcome(classifier, text, "full"), ContextOverflowError)
-    monkeypatch.setattr(classifier, "truncate", True)
+    monkeypatch.setattr(classifier.reader, "truncate", True)
     result = outcome(classifier, text, "full")
     assert result.truncated and result.sentences_read < 100
     assert len(tokenized) < 300  # sentences tokenized, both runs together

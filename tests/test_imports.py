@@ -50,15 +50,17 @@ def test_only_training_imports_torch():
     assert "torch" in loaded_after("import edge2dexit.convert.train")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["models", "list"], ["classify", "--help"], ["bench", "soak", "--help"]])
-def test_commands_that_read_no_model_never_load_llama_cpp(argv):
-    """On a CUDA build, loading libllama initialises the GPU: `--help` and `models list` must not pay for it."""
-    loaded = loaded_after(
+@pytest.mark.parametrize("argv", [["--help"], ["models", "list"], ["classify", "--help"], ["bench", "soak", "--help"],
+                                  ["models"], ["bench"], ["convert", "--help"], ["eval", "--help"]])
+def test_commands_that_read_no_model_load_neither_llama_cpp_nor_numpy(argv):
+    """On a CUDA build, loading libllama initialises the GPU: help, `models list` and a group's name alone must not
+    pay for it; nor for numpy and gguf-py, which a command that reads nothing does not need."""
+    loaded = helpers.loaded_after([
         "from edge2dexit.cli import main",
         f"sys.argv = ['edge2dexit', *{argv!r}]",
-        "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code in (0, None), exit.code",
-    )
-    assert "llama_cpp" not in loaded
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code in (0, 2, None), exit.code",
+    ], ("llama_cpp", "numpy", "gguf"))
+    assert loaded == set()
 
 
 RUNTIME = ("texts", "sentences", "llama", "document", "engine", "heads", "policies", "bundle", "models", "classifier",
@@ -108,9 +110,19 @@ def test_commands_that_read_a_model_load_llama_cpp_before_numpy(argv):
 
 
 @pytest.mark.parametrize("statement", ["from edge2dexit import Classifier", "import edge2dexit.classifier",
-                                       "import edge2dexit.engine"])
+                                       "import edge2dexit.engine",
+                                       "from edge2dexit import EngineSettings\nfrom edge2dexit import Classifier",
+                                       "from edge2dexit import Result\nfrom edge2dexit import Classifier"])
 def test_the_library_s_ways_in_load_llama_cpp_before_numpy(statement):
     assert first_imported(statement, "numpy", "llama_cpp") == ["llama_cpp", "numpy"]
+
+
+def test_settings_load_without_numpy_and_dir_lists_the_public_names():
+    assert helpers.loaded_after(["from edge2dexit import EngineSettings"], ("numpy", "llama_cpp")) == set()
+    import edge2dexit
+
+    assert {"Classifier", "Result", "Evidence", "Stream", "EngineSettings", "train", "EarlyExitClassifier",
+            "InputError"} <= set(dir(edge2dexit)) and "importlib" not in dir(edge2dexit)
 
 
 def test_a_ray_worker_loads_llama_cpp_before_numpy():

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from edge2dexit import keys
 from edge2dexit.bundle import load_bundle, write_bundle
+from edge2dexit.calibrated import ExitScale, Scales
 from edge2dexit.classifier import LEXICAL_EXIT, Classifier
 from edge2dexit.cli import app
-from edge2dexit.convert.calibrate import LEXICAL_THRESHOLDS, calibrate
-from edge2dexit.errors import BundleError, SettingsError
+from edge2dexit.convert.calibrate import LEXICAL_THRESHOLDS, Fold, HeldOut, calibrate
+from edge2dexit.errors import BundleError
 from edge2dexit.keys import Keys
 from edge2dexit.lexical import ANALYZER, LexicalHead, analyze, from_pipeline, lexical_pipeline
 from edge2dexit.settings import EngineSettings
@@ -48,7 +49,7 @@ def test_a_bundle_with_a_lexical_head_round_trips_and_is_checked(tmp_path):
                                    llm_only_policies={"prefix-mean": alone})
     path = write_bundle(original, tmp_path / "b", half=False)
     reader = GGUFReader(path)
-    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.LLM_ONLY_FORMAT_VERSION
+    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == keys.FORMAT_VERSION
     vocabulary = next(t for t in reader.tensors if t.name == keys.LEXICAL_TENSORS[0])
     assert vocabulary.tensor_type == GGMLQuantizationType.I8  # one tensor, not a string array (see keys.py)
     loaded = load_bundle(path)
@@ -76,18 +77,15 @@ def test_a_bundle_with_a_lexical_head_round_trips_and_is_checked(tmp_path):
     refused("do not fit its", tensors={**tensors, "lexical.bias": np.zeros(3, np.float32)})
     refused("not UTF-8", tensors={**tensors, "lexical.vocabulary": np.array([-1, -1, 10, 65], np.int8)})
     refused("non-positive idf", tensors={**tensors, "lexical.idf": -tensors["lexical.idf"]})
-    refused("which format version 3 cannot",
-            set_keys={Keys.Exits.FORMAT_VERSION: (3, GGUFValueType.UINT32, None)})
     refused("must be an object, for a policy of the bundle",
             set_keys={Keys.Exits.LLM_ONLY_POLICIES: ('{"fastest": {}}', text, None)})
     refused(f"missing key {Keys.Exits.LLM_ONLY_POLICIES.name}", drop=[Keys.Exits.LLM_ONLY_POLICIES])
-    refused("without the words, which format version 4 cannot",
-            set_keys={Keys.Exits.FORMAT_VERSION: (4, GGUFValueType.UINT32, None)})
-    # a bundle of format 4 (before the key) reads every text without the words at its one set of parameters
-    older = load_bundle(rewrite(path, tmp_path / "v4.gguf", drop=[Keys.Exits.LLM_ONLY_POLICIES],
-                                set_keys={Keys.Exits.FORMAT_VERSION: (4, GGUFValueType.UINT32, None)}))
-    assert older.llm_only_policies == {} and older.policy_params("prefix-mean", behind_words=False) == \
-        original.policies["prefix-mean"]
+    refused("the lexical exit and its scale must come together",
+            set_keys={Keys.Exits.SCALES: (json.dumps(Scales.identity(original.heads, lexical=False).to_json()),
+                                          text, None)})
+    for old in (4, 5):  # the formats of the lexical exit before its probabilities were calibrated
+        refused(f"format version {old} by an older edge2dexit",
+                set_keys={Keys.Exits.FORMAT_VERSION: (old, GGUFValueType.UINT32, None)})
     with pytest.raises(BundleError, match="lexical thresholds but no lexical head"):
         dataclasses.replace(original, lexical=None)
 
@@ -106,12 +104,16 @@ def synthetic_store(tmp_path, llm_right: np.ndarray, words_right: np.ndarray, wo
     return store, np.array(lexical)
 
 
+def held(store, words=None) -> HeldOut:
+    """The store read by identity heads, with the words' probabilities `words` (already calibrated)."""
+    return HeldOut([Fold(store.select(), all_heads(4), words)])
+
+
 def test_calibration_chooses_from_all_words_to_no_words(tmp_path):
     n = 40
-    heads = all_heads(4)
     # the words are right and sure everywhere: reading nothing meets the target, at no cost
     store, words = synthetic_store(tmp_path / "a", np.ones(n, bool), np.ones(n, bool), np.ones(n, bool))
-    calibration = calibrate(store, heads, ["layer"], 0.0, 0.95, words)
+    calibration = calibrate(held(store, words), ["layer"], 0.0, 0.0)
     chosen = calibration.chosen["layer"]
     assert chosen.cost == 0 and chosen.lexical_share == 1.0 and chosen.accuracy == 1.0
     assert chosen.lexical_threshold == LEXICAL_THRESHOLDS[0]
@@ -121,13 +123,13 @@ def test_calibration_chooses_from_all_words_to_no_words(tmp_path):
                                                                                             alone.params["pooling"]}
     # the words are wrong wherever they are sure: they never pay
     store, words = synthetic_store(tmp_path / "b", np.ones(n, bool), np.zeros(n, bool), np.ones(n, bool))
-    chosen = calibrate(store, heads, ["layer"], 0.0, 0.95, words).chosen["layer"]
+    chosen = calibrate(held(store, words), ["layer"], 0.0, 0.0).chosen["layer"]
     assert chosen.lexical_threshold is None and chosen.lexical_share == 0.0 and chosen.accuracy == 1.0
     # sure words are right, unsure ones wrong: the cheapest threshold that keeps every answer right lets the sure
     # half answer
     sure = np.arange(n) % 4 < 2
     store, words = synthetic_store(tmp_path / "c", np.ones(n, bool), sure, sure)
-    calibration = calibrate(store, heads, ["layer"], 0.0, 0.95, words)
+    calibration = calibrate(held(store, words), ["layer"], 0.0, 0.0)
     chosen = calibration.chosen["layer"]
     assert chosen.accuracy == 1.0 and chosen.lexical_share == 0.5 and 0.6 < chosen.lexical_threshold <= 0.95
     assert chosen.cost == pytest.approx(0.5 * calibration_grid_cost(chosen.params))
@@ -143,9 +145,8 @@ def test_without_the_words_a_policy_is_chosen_as_with_no_lexical_head(tmp_path):
                  .reshape(1, 4, 2) for i, label in enumerate(labels)]
     store = write_store(tmp_path / "store", documents, labels.tolist(), [10] * n)
     words = np.where(labels[:, None] == 1, [0.05, 0.95], [0.95, 0.05])  # right and sure everywhere
-    heads = all_heads(4)
-    with_words = calibrate(store, heads, ["layer"], 0.05, 0.95, words)
-    without = calibrate(store, heads, ["layer"], 0.05, 0.95)
+    with_words = calibrate(held(store, words), ["layer"], 0.05, 0.95)
+    without = calibrate(held(store), ["layer"], 0.05, 0.95)
     assert with_words.reference == "lexical" and without.reference == "layer"
     assert with_words.llm_only["layer"].params == without.chosen["layer"].params
     assert with_words.llm_only["layer"].params["layer"] == 1  # within 5 points of layer 3, not the most accurate
@@ -196,14 +197,33 @@ def test_a_text_the_words_decide_never_reaches_llama_cpp(lexical_bundle, monkeyp
 
 
 @pytest.mark.llama
+def test_full_is_always_the_llm_reading_every_sentence_through_every_layer(lexical_bundle):
+    """`full` is the reference every speed-up is measured against: the words never answer for it, not even where
+    they decide every other policy's text, and the card says so."""
+    bundle = load_bundle(lexical_bundle.bundle)
+    assert bundle.lexical_threshold("full") is None and bundle.policies["full"] == {}
+    sure = "I loved every minute of it. The acting was superb. A wonderful, moving story."
+    with Classifier(bundle, settings=EngineSettings(n_ctx=512)) as clf:
+        assert clf.classify(sure).answered_by == "words"
+        full = clf.classify(sure, policy="full")
+    assert full.answered_by == "llm" and full.exit_layer == 29 and full.sentences_read == full.sentences_total == 3
+    assert full.token_layers == full.tokens * 30
+    row = next(line for line in (lexical_bundle.bundle / "README.md").read_text().splitlines()
+               if line.startswith("| full |"))
+    assert row.split(" | ")[8] == "—"  # "words at": never
+
+
+@pytest.mark.llama
 def test_without_the_words_each_policy_reads_at_its_parameters_for_that(lexical_bundle):
     """Behind words that answer every review here, each policy's own parameters were never tried on a document;
     `lexical=False` reads with those calibrated for reading every text, as a bundle without the words would."""
     bundle = load_bundle(lexical_bundle.bundle)
     assert set(bundle.llm_only_policies) == set(bundle.policies)
     assert any(bundle.llm_only_policies[name] != params for name, params in bundle.policies.items())
+    alone_scales = Scales(None, {pooling: {layer: ExitScale(scale.alone) for layer, scale in layers.items()}
+                                 for pooling, layers in bundle.scales.exits.items()})
     plain = dataclasses.replace(bundle, policies={**bundle.policies, **bundle.llm_only_policies}, lexical=None,
-                                lexical_thresholds={}, llm_only_policies={}, trust=None)
+                                lexical_thresholds={}, llm_only_policies={}, trust={}, scales=alone_scales)
     texts = ["I loved every minute of it. The acting was superb.", "The film runs two hours. It was dreadful."]
     runs = {}
     for run, (loaded, settings) in {"words off": (bundle, {"lexical": False}), "off per call": (bundle, {}),
@@ -214,12 +234,13 @@ def test_without_the_words_each_policy_reads_at_its_parameters_for_that(lexical_
     for run in ("words off", "off per call"):  # each context its own: the same reads, up to a backend's noise
         for got, want in zip(runs[run], runs["no words at all"]):
             assert_same_decision(got, want, (run, want.policy))
-    # abstention was calibrated behind the words, and promises nothing without them
-    with pytest.raises(SettingsError, match="drop --no-lexical"):
-        Classifier(bundle, lexical=False, max_error=0.1)
-    with Classifier(bundle, settings=EngineSettings(n_ctx=512), max_error=0.1) as clf:
-        with pytest.raises(SettingsError, match="drop --no-lexical"):
-            clf.classify(texts[0], lexical=False)
+    # abstention is calibrated for each way of reading, each bound to its own parameters
+    assert bundle.trust["behind the words"].params != bundle.trust["alone"].params
+    lowest = max(trust.tests[0].bound for trust in bundle.trust.values())
+    with Classifier(bundle, settings=EngineSettings(n_ctx=512), max_error=lowest) as clf:
+        alone = clf.reader.answering(lexical=False)
+        assert alone.abstention.margin in [t.margin for t in bundle.trust["alone"].tests]
+        assert clf.classify(texts[0], lexical=False).answered_by == "llm"
 
 
 @pytest.mark.llama

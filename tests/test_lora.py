@@ -23,7 +23,7 @@ from edge2dexit.convert.settings import LoraSettings
 from edge2dexit.document import whole_text
 from edge2dexit.engine import Engine, EngineSettings
 from edge2dexit.errors import BundleError, InputError, ModelError
-from edge2dexit.keys import LLM_ONLY_FORMAT_VERSION, Keys
+from edge2dexit.keys import FORMAT_VERSION, Keys
 from edge2dexit.sentences import Splitter
 
 from helpers import REVIEW, TASK_PROMPT, random_lora
@@ -114,8 +114,7 @@ def test_lora_convert_writes_a_bundle_with_an_adapter_that_changes_the_states(lo
     bundle = load_bundle(directory)
     assert bundle.lora.file == LORA_FILE and bundle.lora_file() == directory / LORA_FILE
     reader = GGUFReader(directory / "exits.gguf")
-    # convert always calibrates abstention margins, which versions 4 and later carry; it still names the adapter
-    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == LLM_ONLY_FORMAT_VERSION
+    assert reader.fields[Keys.Exits.FORMAT_VERSION.name].contents() == FORMAT_VERSION
     assert reader.fields[Keys.Exits.LORA_FILE.name].contents() == LORA_FILE
     adapter = GGUFReader(directory / LORA_FILE)
     assert adapter.fields[Keys.Adapter.TYPE.name].contents() == "lora"

@@ -32,8 +32,8 @@ def test_accumulator_needs_strictly_more_than_tau_acc_and_ties_go_to_lower_class
         tie = Accumulator(len(p), tau_ignore=-1.0, tau_acc=-0.5)
         assert tie.add(np.array(p)), p
         assert tie.winner == lower, p
-        decision = tie.decision(sentence=2, layer=7, read=3)
-        assert decision.label_index == lower and decision.fired and decision.probabilities[lower] == 1.0
+        decision = tie.decision(np.array(p), sentence=2, layer=7, read=3, basis=None)
+        assert decision.label_index == lower and decision.fired  # the cell that won answers: its top class
     # a tie that does not clear τ_ignore is ignored
     ignored = Accumulator(2, tau_ignore=0.0, tau_acc=-0.5)
     assert not ignored.add(np.array([0.5, 0.5])) and ignored.winner is None
@@ -198,7 +198,7 @@ def test_a_policy_registered_in_one_place_is_everywhere(monkeypatch, tmp_path):
 
     from edge2dexit import policies
     from edge2dexit.cli import app
-    from edge2dexit.convert.calibrate import calibrate
+    from edge2dexit.convert.calibrate import Fold, HeldOut, calibrate
     from edge2dexit.policies import Decision, Policy, calibration_grid, register
 
     monkeypatch.setattr(policies, "_REGISTRY", dict(policies._REGISTRY))
@@ -214,9 +214,9 @@ def test_a_policy_registered_in_one_place_is_everywhere(monkeypatch, tmp_path):
         def grid(cls, n_layer, layers):
             return [{"layer": layer} for layer in layers["sentence"]]
 
-        def read(self, doc, sentences):
+        def read(self, doc, sentences, words=None):
             (state,) = yield from doc.append([next(iter(sentences))], self.layer + 1, layers=[self.layer])
-            p = self.heads.proba(self.layer, state.at(self.layer))
+            p = self.heads.proba(self.layer, state.at(self.layer), 1, words)
             return Decision(p, 0, self.layer, 1, fired=True, boundary_gap=float(abs(p[1] - p[0])))
 
     assert "first-sentence" in policy_names()
@@ -225,7 +225,8 @@ def test_a_policy_registered_in_one_place_is_everywhere(monkeypatch, tmp_path):
     assert calibration_grid("first-sentence", 3, {"sentence": [0, 2]}) == [{"layer": 0}, {"layer": 2}]
     documents = [np.log(grid([0.5, -0.5, 0.9])), np.log(grid([-0.5, 0.5, -0.9]))]
     store = write_store(tmp_path / "store", documents, [1, 0], [2, 2])
-    assert set(calibrate(store, all_heads(3), ["first-sentence"], 0.5).chosen) == {"first-sentence"}
+    held = HeldOut([Fold(store.select(), all_heads(3), None)])
+    assert set(calibrate(held, ["first-sentence"], 0.5).chosen) == {"first-sentence"}
     result = CliRunner().invoke(app, ["classify", "-", "--policy", "first-sentence", "--n-ctx", "8"])
     assert "is not one of" not in result.output  # the name passed the CLI's check; the too small context did not
     assert result.exit_code == 2 and "--n-ctx" in result.output

@@ -5,7 +5,6 @@ least that many tokens, because llama.cpp's CPU attention is 1.7–2.8× slower 
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -14,12 +13,13 @@ from hypothesis import strategies as st
 
 from edge2dexit.bundle import load_bundle
 from edge2dexit.classifier import DEFAULT_BUNDLE, Classifier
-from edge2dexit.document import Document, MIN_DECODE_TOKENS
+from edge2dexit.document import Document
+from edge2dexit.settings import MIN_DECODE_TOKENS
 from edge2dexit.engine import EngineSettings
 from edge2dexit.policies import make_policy
 
 from fakes import FakeExecutor
-from helpers import BATCHING_SCORE_TOLERANCE, all_heads, grid, near_boundary, run
+from helpers import BATCHING_SCORE_TOLERANCE, all_heads, grid, near_boundary, run, without_words
 
 N_LAYER = 6
 POLICY_PARAMS = {
@@ -83,7 +83,7 @@ def test_the_runtime_reads_ahead_and_decides_as_one_sentence_per_decode():
     reads at the policies' points behind the words, without them (the words alone would answer this review, and
     prefix-mean's point for reading every text, τ 0.9, leaves no margin clear of its threshold by 0.1)."""
     bundle = load_bundle(DEFAULT_BUNDLE)
-    llm_read = dataclasses.replace(bundle, lexical=None, lexical_thresholds={}, llm_only_policies={}, trust=None)
+    llm_read = without_words(bundle)
     results = {}
     for min_tokens in (1, MIN_DECODE_TOKENS):
         with Classifier(llm_read, settings=EngineSettings(n_ctx=512, min_decode_tokens=min_tokens)) as clf:

@@ -275,8 +275,7 @@ def test_deterministic_reads_one_text_at_a_time_where_the_backend_would_batch(tm
         return [decided(r) for r in json_records(done.stdout)]
 
     deterministic, shared = records("--deterministic"), records()
-    with Classifier(lexical=False,
-                    settings=EngineSettings(n_ctx=512, width=1, n_gpu_layers=0, min_decode_tokens=1)) as clf:
+    with Classifier(lexical=False, settings=EngineSettings(n_ctx=512, width=1, n_gpu_layers=0)) as clf:
         alone = [decided({**clf.classify(text).to_dict()}) for text in texts]
     assert deterministic == alone
     assert shared != alone  # shared decodes move the last digits: what --deterministic is for

@@ -191,5 +191,5 @@ def test_labels_with_control_characters_are_refused(tmp_path, label):
     """A label is printed to terminals: escape sequences in it would drive the terminal."""
     bad = rewrite(DEFAULT_BUNDLE / EXITS_FILE, tmp_path / EXITS_FILE,
                   {Keys.Exits.LABELS: (["negative", label], GGUFValueType.ARRAY, GGUFValueType.STRING)})
-    with pytest.raises(BundleError, match="is blank or holds control characters"):
+    with pytest.raises(BundleError, match="is blank|holds control characters"):
         load_bundle(bad)

@@ -118,6 +118,22 @@ def test_close_waits_for_a_reading_in_another_thread():
         clf.classify(TEXTS[0])
 
 
+def test_closed_means_closed_on_every_path():
+    """Texts the words alone decide never reach llama.cpp; a closed classifier refuses them all the same, and `with`
+    on a closed one fails at once."""
+    clf = Classifier(settings=EngineSettings(n_ctx=256))
+    words_decide = "A wonderful film. I loved every minute of it. A masterpiece. Superb acting, brilliant story."
+    assert clf.classify(words_decide).answered_by == "words"
+    clf.close()
+    for read in (lambda: clf.classify(words_decide), lambda: list(clf.classify_many([words_decide])),
+                 lambda: clf(words_decide), clf.stream):
+        with pytest.raises(RuntimeError, match="is closed"):
+            read()
+    with pytest.raises(RuntimeError, match="is closed"):
+        with clf:
+            pass
+
+
 # --- determinism --------------------------------------------------------------------------------------------------
 
 

@@ -20,8 +20,13 @@ def main() -> None:
     _app()()
 
 
+GROUPS = ("models", "bench")  # a group's name alone prints its commands
+
+
 def _may_read_a_model(argv: list[str]) -> bool:
-    return bool(argv) and "--help" not in argv and argv[:2] != ["models", "list"]
+    """Whether the command line may load a model: not for help, `models list`, or a group's name alone."""
+    return (bool(argv) and not {"--help", "-h"} & set(argv) and argv[:2] != ["models", "list"]
+            and not (len(argv) == 1 and argv[0] in GROUPS))
 
 
 def _app():

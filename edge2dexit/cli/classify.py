@@ -37,12 +37,14 @@ def classify(
                                                       "skipped)."),
     truncate: bool = typer.Option(False, "--truncate", help="Read only what fits the context instead of failing."),
     lexical: bool = LEXICAL,
-    max_error: Optional[float] = typer.Option(None, "--max-error", min=0.0, max=1.0, help="Answer 'unsure' where "
-                                              "the answer is not sure enough for the error among the answered texts "
-                                              "to stay within this rate (calibrated: 0.01, 0.02, 0.05, 0.1)."),
-    coverage: Optional[float] = typer.Option(None, "--coverage", min=0.0, max=1.0, help="Give the labels that "
-                                             "cannot be ruled out: a set holding the true label this often "
-                                             "(calibrated: 0.8, 0.9, 0.95)."),
+    max_error: Optional[float] = typer.Option(None, "--max-error", help="Answer 'unsure' where the answer is not "
+                                              "sure enough for the error among the answered texts to stay within "
+                                              "this rate, in (0, 1); refused (exit 2) below what the bundle can "
+                                              "promise, which the refusal says."),
+    coverage: Optional[float] = typer.Option(None, "--coverage", help="Give the labels that cannot be ruled out: "
+                                             "a set holding the true label this often, in (0, 1)."),
+    explain: bool = typer.Option(False, "--explain", help="Say why: the sentences (and words) that weighed most "
+                                                          "towards each answer."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Read each text alone, so that its result "
                                        "never depends on the texts read beside it (--width 1; see the README's "
                                        "Reliability section for what sharing decodes changes and what it saves)."),
@@ -79,6 +81,8 @@ def classify(
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             elif not isinstance(outcome, Edge2DExitError):
                 sink.write(f"{item.id}: {_readable(outcome, n_layer)}\n")
+                if explain:
+                    sink.write(_why(outcome))
         progress.close()
     raise typer.Exit(failure)
 
@@ -92,9 +96,26 @@ def _readable(result, n_layer: int) -> str:
         answer += f"  could be: {', '.join(result.prediction_set)}"
     total = "?" if result.sentences_total is None else result.sentences_total
     where = ("the words alone decided" if result.lexical else
-             f"read {result.sentences_read}/{total} sentences, exit at layer {result.exit_layer + 1}/{n_layer}")
+             f"read {result.sentences_read}/{total} sentences, exit at layer {result.exit_layer + 1}/{n_layer}"
+             + (", the words weighed in" if result.answered_by == "llm+words" else ""))
     return (f"{answer}  {where} [{result.policy}], {result.token_layers} token-layers, {result.seconds:.2f} s"
             + ("  (truncated)" if result.truncated else ""))
+
+
+def _why(result) -> str:
+    """The answer's evidence as indented lines: the sentences that pushed hardest towards it, then the words."""
+    evidence = result.evidence
+    lines = [f"  why {evidence.label} over {evidence.against} (log-odds {evidence.log_odds:+.2f}):"]
+    lines += [f"    {s.contribution:+.2f}  sentence {s.index + 1}: {_quote(s.text)}" for s in evidence.deciding()]
+    if evidence.ngrams:
+        lines.append(f"    {evidence.words:+.2f}  the words: " + ", ".join(f"{ngram!r} {share:+.2f}"
+                                                                         for ngram, share in evidence.ngrams))
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str, limit: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _outcomes(clf, items: list[Item], ordered: bool) -> Iterator[tuple[Item, object]]:

@@ -7,14 +7,11 @@ from typing import Optional
 
 import typer
 
-from ..convert.data import DataSettings
-from ..convert.settings import QUANTIZATIONS, ConvertSettings, LoraSettings, TrainSettings
-from ..keys import HEAD_LINEARS
+from ..convert.settings import QUANTIZATIONS, ConvertSettings, DataSettings, LoraSettings, TrainSettings
 from .app import app, friendly
-from .options import N_CTX, THREADS, WIDTH, engine_settings
+from .options import N_CTX, THREADS, WIDTH, defaults, engine_settings
 
-_DATA, _TRAIN, _LORA = DataSettings(""), TrainSettings(), LoraSettings()
-_CONVERT = ConvertSettings("", _DATA, Path())
+_DATA, _TRAIN, _LORA, _CONVERT = map(defaults, (DataSettings, TrainSettings, LoraSettings, ConvertSettings))
 KEEP = "keep"
 FINETUNE = ("none", "lora")
 
@@ -26,6 +23,12 @@ def _choice(allowed: tuple[str, ...]):
         return value
 
     return check
+
+
+def _head_kind(value: str) -> str:
+    from ..keys import HEAD_LINEARS  # gguf-py: only when a convert runs, not for `--help`
+
+    return _choice(tuple(HEAD_LINEARS))(value)
 
 
 def _fractions(value: str) -> tuple[float, float, float]:
@@ -51,9 +54,11 @@ def convert(
     min_sentences: int = typer.Option(_DATA.min_sentences, min=0, help="Keep only texts with at least this many sentences."),
     max_sentences: int = typer.Option(_CONVERT.max_sentences, min=1, help="Sentences per document read for features."),
     split: str = typer.Option(",".join(map(str, _DATA.fractions)), "--split", callback=_fractions,
-                              help="Train, calibration and test fractions of the documents, comma-separated."),
+                              help="Train, calibration and test fractions of the documents, comma-separated (with "
+                                   "cross-fitting the first two are pooled; a test fraction of 0 leaves the figures "
+                                   "cross-validated)."),
     seed: int = typer.Option(_DATA.seed, help="Seed of the subsample, the splits and training."),
-    head: str = typer.Option(_TRAIN.kind, callback=_choice(tuple(HEAD_LINEARS)),
+    head: str = typer.Option(_TRAIN.kind, callback=_head_kind,
                              help="Exit head kind: mlp (the paper's d→hidden→C) or linear."),
     hidden: int = typer.Option(_TRAIN.hidden, min=1, help="Hidden size of mlp heads."),
     lr: float = typer.Option(_TRAIN.lr, min=0.0, help="Learning rate of head training."),
@@ -81,6 +86,12 @@ def convert(
     lexical: bool = typer.Option(_CONVERT.lexical, "--lexical/--no-lexical",
                                  help="Train the lexical exit (TF-IDF + logistic regression on the words alone) and "
                                       "calibrate every policy behind it."),
+    folds: int = typer.Option(_CONVERT.folds, "--folds", min=1, help="Cross-fitting: train the heads and the "
+                              "lexical exit on this many folds of the training and calibration documents together "
+                              "and calibrate on each document's out-of-fold read, so that every label both trains "
+                              "and calibrates (1: the training split trains, the calibration split calibrates)."),
+    fuse: bool = typer.Option(_CONVERT.fuse, "--fuse/--no-fuse", help="Behind the words, weigh their evidence into "
+                              "the LLM's answers (--no-fuse: they only decide which texts the LLM reads)."),
     n_ctx: int = N_CTX,
     width: Optional[int] = WIDTH,
     threads: Optional[int] = THREADS,
@@ -99,5 +110,7 @@ def convert(
         finetune=LoraSettings(rank=lora_rank, epochs=lora_epochs, lr=lora_lr, max_documents=lora_docs or None,
                               depth=lora_depth or None, seed=seed) if finetune == "lora" else None,
         lexical=lexical,
+        folds=folds,
+        fuse=fuse,
     )
     typer.echo(run_convert(settings).summary())

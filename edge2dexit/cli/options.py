@@ -4,15 +4,25 @@ initialise the GPU)."""
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
 
 from ..errors import SettingsError
-from ..policies import policy_names
 from ..settings import EngineSettings
 
-_ENGINE = EngineSettings()
+
+
+def defaults(settings: type) -> SimpleNamespace:
+    """The defaults of a settings dataclass, read off its fields without making one (making one checks it, which
+    may load what `--help` must not)."""
+    return SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(settings)
+                              if f.default is not dataclasses.MISSING})
+
+
+_ENGINE = defaults(EngineSettings)
 
 BUNDLE = typer.Option(None, "--bundle", "-b", help="Bundle directory or exits.gguf (default: the built-in "
                                                     "sentiment bundle).")
@@ -36,9 +46,17 @@ def engine_settings(n_ctx: int, width: Optional[int] = _ENGINE.width, threads: O
         raise typer.BadParameter(str(exc)) from None
 
 
+def _policy_names() -> tuple[str, ...]:
+    """The registered policies, looked up only when an option names one (the registry loads numpy, which `--help`
+    must not)."""
+    from ..policies import policy_names
+
+    return policy_names()
+
+
 def check_policy(name: Optional[str]) -> Optional[str]:
-    if name is not None and name not in policy_names():
-        raise typer.BadParameter(f"{name!r} is not one of {', '.join(policy_names())}")
+    if name is not None and name not in _policy_names():
+        raise typer.BadParameter(f"{name!r} is not one of {', '.join(_policy_names())}")
     return name
 
 
@@ -47,11 +65,12 @@ def check_policies(value: Optional[str]) -> Optional[tuple[str, ...]]:
     if value is None:
         return None
     names = tuple(name.strip() for name in value.split(",") if name.strip())
-    unknown = [name for name in names if name not in policy_names()]
+    unknown = [name for name in names if name not in _policy_names()]
     if unknown or not names:
-        raise typer.BadParameter(f"{', '.join(unknown) or 'nothing'}: choose among {', '.join(policy_names())}")
+        raise typer.BadParameter(f"{', '.join(unknown) or 'nothing'}: choose among {', '.join(_policy_names())}")
     return names
 
 
 POLICY = typer.Option(None, "--policy", "-p", callback=check_policy,
-                      help=f"{' | '.join(policy_names())} (default: the bundle's).")
+                      help="An exit policy of the bundle, e.g. prefix-mean, full or paper2d (default: the bundle's; "
+                           "a wrong name lists them all).")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..convert.settings import SENTIMENT_PROMPT
-from ..document import MIN_DECODE_TOKENS, sentence_by_sentence
+from ..document import sentence_by_sentence
+from ..settings import MIN_DECODE_TOKENS
 from ..engine import Engine, EngineSettings
 from ..llama import NO_TAP, Context, ContextSettings, Model, Span, available_taps, gpu_offload
 from ..sentences import Splitter

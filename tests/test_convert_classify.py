@@ -133,6 +133,24 @@ def test_every_policy_reports_what_llama_cpp_computed(classifier, policy, monkey
     assert result.as_pipeline()[0]["label"] == result.label
 
 
+def test_classify_explain_prints_the_deciding_sentences_and_the_json_adds_up(tiny_bundle):
+    """`--explain` names the sentences that pushed hardest towards the answer; the JSON carries every part, and for
+    the tiny bundle's linear heads the parts add up to the answer's calibrated log-odds exactly."""
+    base = ["classify", "-", "--bundle", str(tiny_bundle.bundle), "--n-ctx", "512", "--policy", "prefix-mean"]
+    shown = CliRunner().invoke(app, [*base, "--explain"], input=TEXT)
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert lines[1].startswith("  why ") and "log-odds" in lines[1]
+    assert any(line.lstrip().split("  ", 1)[1].startswith("sentence ") for line in lines[2:])
+    record = json.loads(CliRunner().invoke(app, [*base, "--json"], input=TEXT).stdout)
+    evidence = record["evidence"]
+    # the prefix head read the mean of every sentence up to its exit
+    assert evidence["label"] == record["label"]
+    assert [s["index"] for s in evidence["sentences"]] == list(range(record["exit_sentence"] + 1))
+    parts = sum(s["contribution"] for s in evidence["sentences"]) + evidence["words"] + evidence["constant"]
+    assert parts == pytest.approx(evidence["log_odds"], abs=1e-4)
+
+
 def test_full_gives_the_same_label_sentence_by_sentence_as_in_one_pass(classifier):
     one_pass = classifier.classify(TEXT, policy="full")
     engine = classifier.engine

@@ -103,13 +103,16 @@ def _readable(result, n_layer: int) -> str:
 
 
 def _why(result) -> str:
-    """The answer's evidence as indented lines: the sentences that pushed hardest towards it, then the words."""
+    """The answer's evidence as indented lines: the sentences that pushed hardest towards it, then the words, then
+    where the head leaned before reading anything (the rest of the log-odds is what the other sentences took away)."""
     evidence = result.evidence
     lines = [f"  why {evidence.label} over {evidence.against} (log-odds {evidence.log_odds:+.2f}):"]
     lines += [f"    {s.contribution:+.2f}  sentence {s.index + 1}: {_quote(s.text)}" for s in evidence.deciding()]
     if evidence.ngrams:
         lines.append(f"    {evidence.words:+.2f}  the words: " + ", ".join(f"{ngram!r} {share:+.2f}"
                                                                          for ngram, share in evidence.ngrams))
+    if round(evidence.constant, 2):
+        lines.append(f"    {evidence.constant:+.2f}  before reading anything (the bias)")
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,13 @@ def test_the_classifier_says_unsure_keeps_its_best_guess_and_refuses_what_it_can
                                        "--max-error", str(lowest), "--json"], input=text)
     record = json.loads(as_json.stdout)
     assert record["abstained"] == result.abstained and record["label"] in ("neg", "pos") and record["scores"]
+
+
+@pytest.mark.llama
+def test_the_llm_is_not_fooled_with_confidence_by_the_sample_review_s_opening():
+    """The sample review is plainly positive but opens with "low expectations … forgettable thriller". Read by the
+    LLM alone with the default bundle, the answer is positive, or unsure where an error of 0.1 is asked for."""
+    sample = (Path(__file__).parents[1] / "edge2dexit" / "models" / "sample_review.txt").read_text()
+    with Classifier(lexical=False, max_error=0.1) as clf:
+        result = clf.classify(sample)
+    assert result.answered_by == "llm" and (result.label == "positive" or result.abstained)

@@ -218,6 +218,22 @@ def test_default_bundle_carries_the_lexical_exit_scales_and_trust_for_both_readi
     assert set(bundle.policies["prefix-mean"]) >= {"layer", "threshold", "min_sentences"}
 
 
+def test_a_trust_record_is_refused_for_any_other_reading_than_the_one_it_was_calibrated_for(tmp_path):
+    """The promise of `--max-error` is about the reading it was certified on: parameters changed after calibration
+    (another stop threshold, another lexical threshold) leave a bundle that neither writes nor loads."""
+    import dataclasses
+
+    from edge2dexit.classifier import DEFAULT_BUNDLE
+
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    policies = {**bundle.policies, "prefix-mean": {**bundle.policies["prefix-mean"], "threshold": 0.99}}
+    with pytest.raises(BundleError, match=r"trust record \((alone|behind the words)\) was calibrated for"):
+        dataclasses.replace(bundle, policies=policies, llm_only_policies={**bundle.llm_only_policies,
+                                                                          "prefix-mean": policies["prefix-mean"]})
+    with pytest.raises(BundleError, match=r"trust record \(behind the words\) was calibrated for"):
+        dataclasses.replace(bundle, lexical_thresholds={**bundle.lexical_thresholds, "prefix-mean": 0.99})
+
+
 @pytest.mark.parametrize("key", [Keys.Exits.LABELS, Keys.Exits.BASE_SHA256, Keys.Exits.FORMAT_VERSION,
                                  Keys.exit_layers("prefix"), Keys.Exits.CALIBRATION], ids=lambda k: k.name)
 def test_missing_key(exits, tmp_path, key):

@@ -84,9 +84,9 @@ def test_the_answered_error_stays_within_alpha_on_fresh_data(tmp_path):
 
 def test_a_few_hundred_labels_give_usable_abstention(tmp_path):
     """The held-out-style check: 600 labelled texts, 150 kept for test, the other 450 read out of fold (half choose,
-    half certify), an error of about 1 in 8 reading everything (the IMDB check at 300 per class had 0.113):
+    half certify), an error of about 1 in 8 reading everything (the IMDB check at 300 per class had 0.120):
     `--max-error 0.2` is promised, answers at least half of the 150 test texts, and keeps its error within 0.2 on
-    fresh data in all but about 5% of the draws. The real convert is in BENCHMARKS.md (a 26-minute run)."""
+    fresh data in all but about 5% of the draws. The real convert is in BENCHMARKS.md (a 10-minute run)."""
     rng = np.random.default_rng(2)
     draws, violations = 40, 0
     for k in range(draws):

@@ -46,33 +46,36 @@ def linear_prefix_heads(n_layer: int, n_embd: int, rng: np.random.Generator) -> 
         for layer in range(n_layer)})
 
 
-def test_head_scales_learn_that_early_prefixes_are_too_sure(tmp_path):
-    """Documents whose first sentences point the wrong way half of the time: a head reading the running mean is as
-    sure after one sentence as after eight. Its fitted scale shrinks the early reads (β grows with the sentences
-    read), and where the head is sure of a coin toss the calibrated probability says so."""
-    rng = np.random.default_rng(1)
+def misleading_openings(directory, n: int, rng: np.random.Generator):
+    """A store of `n` documents of 8 sentences whose first two point the wrong way half of the time, loudly."""
     n_embd, documents, labels = 2, [], []
-    for i in range(400):
+    for i in range(n):
         label = i % 2
         sign = 1.0 if label else -1.0
-        m = 8
-        states = rng.normal(0, 1, (m, 1, n_embd))
+        states = rng.normal(0, 1, (8, 1, n_embd))
         states[:, 0, 0] += sign * 2.0
         states[:2, 0, 0] = np.where(rng.uniform() < 0.5, -sign, sign) * 6.0  # a loud opening, right or wrong
         documents.append(states)
         labels.append(label)
-    store = write_store(tmp_path / "store", documents, labels, [4] * 8 * len(labels))
+    return write_store(directory, documents, labels, [4] * 8 * n)
+
+
+def test_head_scales_learn_that_early_prefixes_are_too_sure(tmp_path):
+    """Documents whose first sentences point the wrong way half of the time: a head reading the running mean is as
+    sure after one sentence as after eight. Its fitted scale shrinks the early reads (β grows with the sentences
+    read), and on fresh documents, where the head is sure of a coin toss, the calibrated probability says so."""
+    rng = np.random.default_rng(1)
     weight = np.array([[-1.5, 0.0], [1.5, 0.0]], dtype=np.float32)
     heads = {Pooling.PREFIX: ExitHeads(Pooling.PREFIX, LABELS, {0: ExitHead(
-        0, "linear", np.zeros(n_embd, np.float32), np.ones(n_embd, np.float32), ((weight, np.zeros(2, np.float32)),))})}
-    held = HeldOut([Fold(store.select(), heads, None)])
-    scales = fit_scales(held)
+        0, "linear", np.zeros(2, np.float32), np.ones(2, np.float32), ((weight, np.zeros(2, np.float32)),))})}
+    scales = fit_scales(HeldOut([Fold(misleading_openings(tmp_path / "fit", 400, rng).select(), heads, None)]))
     log_beta = scales.exits[Pooling.PREFIX][0].alone
     assert log_beta[0] < log_beta[4] - 1, log_beta  # one sentence read is worth far less than six
-    calibrated = held.calibrated(scales)
-    log_p, y, _, read = held.examples(Pooling.PREFIX, 0)
+    fresh = HeldOut([Fold(misleading_openings(tmp_path / "fresh", 400, rng).select(), heads, None)])
+    log_p, y, _, read = fresh.examples(Pooling.PREFIX, 0)
     p_raw = np.exp(log_p)
-    p = calibrated.folds[0].heads[Pooling.PREFIX].proba(0, store.select().examples(Pooling.PREFIX, 0)[0], read)
+    x = fresh.folds[0].documents.examples(Pooling.PREFIX, 0)[0]
+    p = fresh.calibrated(scales).folds[0].heads[Pooling.PREFIX].proba(0, x, read)
     early = read <= 2
     raw_error = expected_calibration_error(p_raw[early].max(1), p_raw[early].argmax(1) == y[early])
     error = expected_calibration_error(p[early].max(1), p[early].argmax(1) == y[early])

@@ -169,6 +169,10 @@ class Document:
             start += len(tokens)
         return (yield from self._decode(first, len(sentences), depth, layers, stop))
 
+    def first_below(self, depth: int) -> int | None:
+        """The first sentence whose KV is valid below `depth`: the one `deepen_next` re-decodes (None: none is)."""
+        return next((i for i, s in enumerate(self._spans) if s.valid_depth < depth), None)
+
     def deepen_next(
         self, depth: int, layers: Sequence[int] | None = None, stop: StopRule | None = None
     ) -> Reading[SentenceMeans | None]:
@@ -178,7 +182,7 @@ class Document:
         Called repeatedly it deepens the text sentence by sentence; a reader may stop at any time (sentences not
         yet re-decoded are then out of the cache and are re-decoded when needed).
         """
-        stale = next((i for i, s in enumerate(self._spans) if s.valid_depth < depth), None)
+        stale = self.first_below(depth)
         if stale is None:
             return None
         span = self._spans[stale]

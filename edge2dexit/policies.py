@@ -409,7 +409,7 @@ class Paper2D(Policy):
         for step in paper2d_steps(len(sentences), self.n_layer):
             earlier = range(step.earlier_from, step.depth)
             if step.sentence and len(earlier):
-                while (stale := _first_below(doc, step.depth)) is not None:
+                while (stale := doc.first_below(step.depth)) is not None:
                     cell[0] = stale
                     states = yield from doc.deepen_next(step.depth, earlier, classify)
                     if fired:
@@ -424,11 +424,6 @@ class Paper2D(Policy):
         state = last.at(top)
         return votes.fallback(self.heads.proba(top, state, n, words), n - 1, top, n,
                               self.heads.basis(top, n, words, [n - 1], [state]))
-
-
-def _first_below(doc: Document, depth: int) -> int | None:
-    """The first sentence of `doc` whose KV is valid below `depth` (the next one `deepen_next` re-decodes)."""
-    return next((i for i, valid in enumerate(doc.valid_depths) if valid < depth), None)
 
 
 PREFIX_MEAN_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)

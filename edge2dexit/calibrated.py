@@ -134,7 +134,8 @@ class CalibratedHeads:
 
 @dataclass(frozen=True, eq=False)
 class Basis:
-    """The input of a decision's head, kept so that the answer can be explained (`explain`) only when asked."""
+    """The input of a decision's head, kept with the decision so that the answer is taken apart (`explain`) once,
+    after reading, not in the per-sentence loop."""
 
     heads: CalibratedHeads
     layer: int
@@ -162,7 +163,7 @@ class Basis:
             q = np.log(np.maximum(self.words, _FLOOR))
             words = gamma * float(q[label] - q[against])
         return Contributions(dict(zip(self.sentences, map(float, per_sentence))), words,
-                             beta * float(bias[label] - bias[against]))
+                             beta * float(bias[label] - bias[against]), gamma)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class Contributions:
     sentences: dict[int, float]
     words: float
     constant: float
+    words_weight: float  # γ: how much of the words' own log-odds the answer took in (0: read alone)
 
     @property
     def total(self) -> float:

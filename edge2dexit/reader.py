@@ -313,8 +313,7 @@ class Reader:
             ngrams, constant = self._ngrams(text, label, against, 1.0)
             return Evidence(labels[label], labels[against], log_odds, [], log_odds - constant, ngrams, constant)
         parts = basis.explain(label, against)
-        weight = self.bundle.scales.exits[basis.heads.pooling][basis.layer].weights(basis.read, basis.words)[1]
-        ngrams = self._ngrams(text, label, against, weight)[0] if parts.words else []
+        ngrams = self._ngrams(text, label, against, parts.words_weight)[0] if parts.words else []
         return Evidence(labels[label], labels[against], log_odds,
                         [SentenceWeight(i, sentences[i] if i < len(sentences) else "", c)
                          for i, c in parts.sentences.items()],
